@@ -1,0 +1,106 @@
+//! One pooled HTTP client for every endpoint, and a single attempt on it.
+//!
+//! Keep-alive connections are pooled per host; HTTPS goes through rustls with
+//! the webpki trust roots. Redirects are never followed (the legacy client
+//! does not follow them; a 3xx is classified as permanent). Each attempt,
+//! from connect to the last byte of the response body, runs inside its own
+//! budget.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::outcome::{AttemptError, Response, parse_retry_after};
+use super::sign::{self, SigningSecret};
+use crate::config::DeliveryConfig;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+pub const USER_AGENT_VALUE: &str = concat!("webhookd/", env!("CARGO_PKG_VERSION"));
+
+pub fn build(cfg: &DeliveryConfig) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.attempt_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .build(https)
+}
+
+/// Everything one attempt sends.
+pub struct AttemptRequest<'a> {
+    pub url: &'a url::Url,
+    pub webhook_id: &'a str,
+    pub body: Bytes,
+    pub secrets: &'a [SigningSecret],
+    pub legacy_hmac_header: bool,
+    pub budget: Duration,
+    pub max_response_bytes: usize,
+}
+
+pub async fn attempt(client: &HttpClient, a: AttemptRequest<'_>) -> Result<Response, AttemptError> {
+    let now = SystemTime::now();
+    let ts = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let mut req = Request::post(a.url.as_str())
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE))
+        .header("webhook-id", a.webhook_id)
+        .header("webhook-timestamp", ts)
+        .header("webhook-signature", sign::signature_header(a.secrets, a.webhook_id, ts, &a.body));
+    if a.legacy_hmac_header
+        && let Some(first) = a.secrets.first()
+    {
+        req = req.header("x-hmac-signature", sign::legacy_signature(first, &a.body));
+    }
+    let req = req.body(Full::new(a.body)).map_err(|e| AttemptError::Refused(format!("bad request: {e}")))?;
+    let max = a.max_response_bytes;
+    let exchange = async move {
+        let resp = client.request(req).await.map_err(|e| {
+            let detail = error_chain(&e);
+            if e.is_connect() { AttemptError::Connect(detail) } else { AttemptError::Io(detail) }
+        })?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        // Read (and discard) the body, so the connection can be reused, up to a limit.
+        let mut body = resp.into_body();
+        let mut read = 0usize;
+        while read <= max {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                Some(Err(e)) => return Err(AttemptError::Io(format!("reading response body: {}", error_chain(&e)))),
+            }
+        }
+        Ok(Response { status, retry_after })
+    };
+    tokio::time::timeout(a.budget, exchange).await.unwrap_or(Err(AttemptError::Timeout(a.budget)))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

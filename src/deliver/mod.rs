@@ -1,0 +1,242 @@
+//! Delivery: one worker per endpoint, each with its own rate limit and
+//! in-flight cap, pulling that endpoint's ready deliveries from the store.
+//!
+//! Isolation comes from the shape: a worker only ever waits on its own
+//! endpoint's limiter and semaphore, attempts run as their own tasks, and the
+//! Kafka source never waits on delivery at all (it is done once the delivery
+//! is in the outbox). A worker holds at most one small batch in memory; the
+//! rest of a backlog stays in RocksDB.
+//!
+//! Per attempt: sign → send within the budget → [`outcome::classify`] →
+//! retry policy → one store write (done / wait / dead) that settles it.
+
+pub mod client;
+pub mod outcome;
+pub mod sign;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::{Quota, RateLimiter};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::dead_letter::{self, DeadLetters, DeliveryFailure};
+use crate::retry::{RetryDecision, RetryPolicy};
+use crate::route::Endpoint;
+use crate::store::{Next, ReadyItem, Store, now_ms};
+use crate::telemetry::metrics as m;
+use client::{AttemptRequest, HttpClient};
+use outcome::{AttemptError, Outcome, classify};
+
+/// How long a dead letter that could not be produced waits before the next try.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(10);
+/// Pause after a failed store call before trying again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// What every endpoint worker shares.
+pub struct Deliverer {
+    pub store: Store,
+    pub client: HttpClient,
+    pub dead_letters: DeadLetters,
+    pub policy: RetryPolicy,
+    pub max_response_bytes: usize,
+    /// Attempt tasks, so shutdown can wait for them.
+    pub attempts: TaskTracker,
+    /// Cancelled when the shutdown grace period is over: attempts still under
+    /// way are abandoned and stay in the outbox.
+    pub abort: CancellationToken,
+}
+
+impl Deliverer {
+    /// Runs one endpoint's worker until `shutdown`.
+    pub async fn run_endpoint(self: Arc<Self>, ep: Arc<Endpoint>, shutdown: CancellationToken) {
+        let wake = self.store.wakeups().endpoint(ep.id());
+        let rl = &ep.config.rate_limit;
+        let limiter = RateLimiter::direct(Quota::per_second(rl.per_second).allow_burst(rl.burst));
+        let in_flight = Arc::new(Semaphore::new(ep.config.max_in_flight.get()));
+        let batch = ep.config.max_in_flight.get().clamp(16, 256);
+        let mut cursor: Option<u64> = None;
+        metrics::gauge!(m::ENDPOINT_ENABLED, "endpoint" => ep.id().to_owned()).set(if ep.is_enabled() { 1.0 } else { 0.0 });
+        loop {
+            let items = match self.store.load_ready(ep.id(), cursor, batch).await {
+                Ok(items) => items,
+                Err(e) => {
+                    tracing::error!(endpoint = ep.id(), error = %e, "cannot load ready deliveries");
+                    if sleep_or_cancel(STORE_RETRY, &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if items.is_empty() {
+                tokio::select! {
+                    _ = wake.notified() => continue,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            for item in items {
+                let permit = tokio::select! {
+                    p = in_flight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                    _ = shutdown.cancelled() => return,
+                };
+                cursor = Some(item.seq);
+                let needs_http = ep.is_enabled() && item.delivery.dead_letter_reason.is_none();
+                if needs_http && limiter.check().is_err() {
+                    metrics::counter!(m::RATE_LIMITED, "endpoint" => ep.id().to_owned()).increment(1);
+                    tokio::select! {
+                        _ = limiter.until_ready() => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+                let this = self.clone();
+                let ep = ep.clone();
+                let span = tracing::info_span!("attempt", endpoint = ep.id(), event_id = %item.delivery.event_id,
+                    webhook_id = %item.delivery.webhook_id, attempt = item.delivery.attempts + 1);
+                self.attempts.spawn(
+                    async move {
+                        this.settle(ep, item).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+
+    /// Attempts one delivery (or finishes dead-lettering it) and records the result.
+    async fn settle(&self, ep: Arc<Endpoint>, item: ReadyItem) {
+        let ReadyItem { key, delivery: mut d, .. } = item;
+        let next = if let Some(reason) = d.dead_letter_reason.take() {
+            self.dead_letter(d, DeliveryFailure::parse(&reason)).await
+        } else if !ep.is_enabled() {
+            self.dead_letter(d, DeliveryFailure::EndpointDisabled).await
+        } else {
+            let started_ms = now_ms();
+            d.attempts += 1;
+            if d.first_attempt_ms == 0 {
+                d.first_attempt_ms = started_ms;
+            }
+            d.last_attempt_ms = started_ms;
+            let gauge = metrics::gauge!(m::IN_FLIGHT, "endpoint" => ep.id().to_owned());
+            gauge.increment(1.0);
+            let started = Instant::now();
+            let request = AttemptRequest {
+                url: &ep.config.url,
+                webhook_id: &d.webhook_id,
+                body: d.payload.clone(),
+                secrets: &ep.config.secrets,
+                legacy_hmac_header: ep.config.legacy_hmac_header,
+                budget: ep.config.attempt_timeout,
+                max_response_bytes: self.max_response_bytes,
+            };
+            let result = tokio::select! {
+                r = client::attempt(&self.client, request) => r,
+                _ = self.abort.cancelled() => {
+                    gauge.decrement(1.0);
+                    tracing::info!("attempt abandoned at shutdown; it stays in the outbox");
+                    return;
+                }
+            };
+            gauge.decrement(1.0);
+            let elapsed = started.elapsed();
+            metrics::histogram!(m::ATTEMPT_DURATION, "endpoint" => ep.id().to_owned()).record(elapsed.as_secs_f64());
+            let outcome = classify(&result);
+            metrics::counter!(m::DELIVERIES, "endpoint" => ep.id().to_owned(), "outcome" => outcome.as_str())
+                .increment(1);
+            match &result {
+                Ok(r) => {
+                    d.last_status = r.status;
+                    d.last_error.clear();
+                }
+                Err(e) => {
+                    d.last_status = 0;
+                    d.last_error = e.to_string();
+                }
+            }
+            log_attempt(&result, outcome, elapsed);
+            match outcome {
+                Outcome::Delivered => Next::Done,
+                Outcome::Retry { retry_after } => {
+                    let age = Duration::from_millis((now_ms() - d.first_attempt_ms).max(0) as u64);
+                    match self.policy.decide_now(d.attempts, age, retry_after) {
+                        RetryDecision::After(delay) => {
+                            metrics::counter!(m::RETRIES_SCHEDULED, "endpoint" => ep.id().to_owned()).increment(1);
+                            Next::Wait { due_ms: now_ms() + delay.as_millis() as i64, delivery: d }
+                        }
+                        RetryDecision::Exhausted => self.dead_letter(d, DeliveryFailure::Exhausted).await,
+                    }
+                }
+                Outcome::DeadLetter => {
+                    let why = match result {
+                        Err(AttemptError::Refused(_)) => DeliveryFailure::Refused,
+                        _ => DeliveryFailure::Rejected,
+                    };
+                    self.dead_letter(d, why).await
+                }
+                Outcome::Gone => {
+                    self.disable(&ep).await;
+                    self.dead_letter(d, DeliveryFailure::Gone).await
+                }
+            }
+        };
+        while let Err(e) = self.store.finish(key.clone(), next.clone()).await {
+            tracing::error!(error = %e, "cannot record the attempt's result; retrying");
+            if sleep_or_cancel(STORE_RETRY, &self.abort).await {
+                return;
+            }
+        }
+    }
+
+    /// Produces the dead letter; if the topic cannot take it now, parks the
+    /// delivery in the retry schedule marked to be dead-lettered later.
+    async fn dead_letter(&self, mut d: crate::store::Delivery, why: DeliveryFailure) -> Next {
+        let record = dead_letter::delivery_record(&d, why, now_ms());
+        match self.dead_letters.send(&d.event_id, why.as_str(), &record).await {
+            Ok(()) => {
+                tracing::warn!(endpoint = %d.endpoint_id, event_id = %d.event_id, reason = why.as_str(),
+                    attempts = d.attempts, last_status = d.last_status, last_error = %d.last_error, "dead-lettered");
+                Next::Dead { record }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, reason = why.as_str(), "cannot produce dead letter; will try again");
+                d.dead_letter_reason = Some(why.as_str().to_owned());
+                Next::Wait { due_ms: now_ms() + DEAD_LETTER_RETRY.as_millis() as i64, delivery: d }
+            }
+        }
+    }
+
+    async fn disable(&self, ep: &Endpoint) {
+        if !ep.is_enabled() {
+            return;
+        }
+        ep.set_enabled(false);
+        metrics::gauge!(m::ENDPOINT_ENABLED, "endpoint" => ep.id().to_owned()).set(0.0);
+        tracing::warn!(endpoint = ep.id(), "endpoint answered 410 Gone: disabled");
+        let state = serde_json::json!({ "disabled": true, "reason": "gone", "status": 410, "at_ms": now_ms() });
+        while let Err(e) = self.store.set_endpoint_disabled(ep.id(), Some(state.clone())).await {
+            tracing::error!(error = %e, "cannot persist disabled endpoint; retrying");
+            if sleep_or_cancel(STORE_RETRY, &self.abort).await {
+                return;
+            }
+        }
+    }
+}
+
+fn log_attempt(result: &Result<outcome::Response, AttemptError>, outcome: Outcome, elapsed: Duration) {
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    match result {
+        Ok(r) => tracing::debug!(status = r.status, outcome = outcome.as_str(), duration_ms = ms, "attempt finished"),
+        Err(e) => tracing::info!(error = %e, outcome = outcome.as_str(), duration_ms = ms, "attempt failed"),
+    }
+}
+
+/// Sleeps for `d`; true if `token` was cancelled first.
+pub(crate) async fn sleep_or_cancel(d: Duration, token: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = token.cancelled() => true,
+    }
+}

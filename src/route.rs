@@ -1,0 +1,216 @@
+//! Subscriptions: which endpoints get which event.
+//!
+//! The [`Registry`] holds the endpoints and their enabled state. It is fed from
+//! the config today and is the seam a management API will feed later: routing
+//! reads an immutable [`RouteTable`] snapshot, so replacing the endpoint set is
+//! one pointer swap.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::config::EndpointConfig;
+
+/// One entry of an endpoint's event-type filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeFilter {
+    /// `*`: every type.
+    Any,
+    /// `ContactCreate`
+    Exact(String),
+    /// `Contact*`: every type starting with the prefix.
+    Prefix(String),
+}
+
+impl TypeFilter {
+    pub fn parse(s: &str) -> Result<TypeFilter, String> {
+        let s = s.trim();
+        if s == "*" {
+            return Ok(TypeFilter::Any);
+        }
+        let (body, wildcard) = match s.strip_suffix('*') {
+            Some(prefix) => (prefix, true),
+            None => (s, false),
+        };
+        if body.is_empty() || body.contains('*') || body.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "bad event-type filter {s:?}: use \"*\", an exact type such as \"ContactCreate\" or a prefix such as \"Contact*\""
+            ));
+        }
+        Ok(if wildcard { TypeFilter::Prefix(body.to_owned()) } else { TypeFilter::Exact(body.to_owned()) })
+    }
+
+    pub fn matches(&self, event_type: &str) -> bool {
+        match self {
+            TypeFilter::Any => true,
+            TypeFilter::Exact(t) => t == event_type,
+            TypeFilter::Prefix(p) => event_type.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// An endpoint as the delivery path sees it: its config plus live state.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub config: EndpointConfig,
+    enabled: AtomicBool,
+}
+
+impl Endpoint {
+    pub fn new(config: EndpointConfig) -> Self {
+        let enabled = AtomicBool::new(config.enabled);
+        Endpoint { config, enabled }
+    }
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Release);
+    }
+    fn accepts(&self, event_type: &str, location: Option<&str>) -> bool {
+        self.config.event_types.iter().any(|f| f.matches(event_type))
+            && (self.config.location_ids.is_empty()
+                || location.is_some_and(|l| self.config.location_ids.iter().any(|x| x == l)))
+    }
+}
+
+/// An index over the endpoints so an event is matched without testing every
+/// filter of every endpoint: exact types by hash, prefixes and `*` by scan.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    endpoints: Vec<Arc<Endpoint>>,
+    by_id: HashMap<String, usize>,
+    exact: HashMap<String, Vec<usize>>,
+    prefix: Vec<(String, usize)>,
+    any: Vec<usize>,
+}
+
+impl RouteTable {
+    pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        let mut t = RouteTable { endpoints, ..Default::default() };
+        for (i, e) in t.endpoints.iter().enumerate() {
+            t.by_id.insert(e.id().to_owned(), i);
+            for f in &e.config.event_types {
+                match f {
+                    TypeFilter::Any => t.any.push(i),
+                    TypeFilter::Exact(x) => t.exact.entry(x.clone()).or_default().push(i),
+                    TypeFilter::Prefix(p) => t.prefix.push((p.clone(), i)),
+                }
+            }
+        }
+        t
+    }
+
+    /// The enabled endpoints subscribed to this event, each once, in config order.
+    pub fn route(&self, event_type: &str, location: Option<&str>) -> Vec<Arc<Endpoint>> {
+        let mut hits: Vec<usize> = self.any.clone();
+        if let Some(v) = self.exact.get(event_type) {
+            hits.extend_from_slice(v);
+        }
+        hits.extend(self.prefix.iter().filter(|(p, _)| event_type.starts_with(p.as_str())).map(|(_, i)| *i));
+        hits.sort_unstable();
+        hits.dedup();
+        hits.into_iter()
+            .map(|i| &self.endpoints[i])
+            .filter(|e| e.is_enabled() && e.accepts(event_type, location))
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Endpoint>> {
+        self.by_id.get(id).map(|&i| &self.endpoints[i])
+    }
+
+    pub fn all(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+}
+
+/// The current set of endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    table: Arc<RwLock<Arc<RouteTable>>>,
+}
+
+impl Registry {
+    pub fn from_configs(configs: &[EndpointConfig]) -> Self {
+        let endpoints = configs.iter().cloned().map(|c| Arc::new(Endpoint::new(c))).collect();
+        Registry { table: Arc::new(RwLock::new(Arc::new(RouteTable::new(endpoints)))) }
+    }
+
+    /// A consistent snapshot to route a batch against.
+    pub fn snapshot(&self) -> Arc<RouteTable> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Endpoint>> {
+        self.snapshot().get(id).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn registry(toml: &str) -> Registry {
+        let cfg = Config::from_toml_str(toml, Vec::new()).expect("valid config");
+        Registry::from_configs(&cfg.endpoints)
+    }
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn ids(r: &Registry, ty: &str, loc: Option<&str>) -> Vec<String> {
+        r.snapshot().route(ty, loc).iter().map(|e| e.id().to_owned()).collect()
+    }
+
+    #[test]
+    fn filters_parse_and_match() {
+        assert_eq!(TypeFilter::parse("*"), Ok(TypeFilter::Any));
+        assert_eq!(TypeFilter::parse("Contact*"), Ok(TypeFilter::Prefix("Contact".into())));
+        assert_eq!(TypeFilter::parse("InvoicePaid"), Ok(TypeFilter::Exact("InvoicePaid".into())));
+        for bad in ["", "**", "*Contact", "Con*tact", "a b"] {
+            assert!(TypeFilter::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(TypeFilter::Prefix("Contact".into()).matches("ContactTagUpdate"));
+        assert!(!TypeFilter::Prefix("Contact".into()).matches("InvoicePaid"));
+        assert!(!TypeFilter::Exact("ContactCreate".into()).matches("ContactCreated"));
+    }
+
+    #[test]
+    fn events_go_to_every_enabled_matching_endpoint_once() {
+        let r = registry(&format!(
+            r#"
+            [[endpoints]]
+            id = "all"
+            url = "http://127.0.0.1:1/"
+            secrets = ["{SECRET}"]
+            [[endpoints]]
+            id = "contacts"
+            url = "http://127.0.0.1:1/"
+            event_types = ["Contact*", "ContactCreate"]
+            secrets = ["{SECRET}"]
+            [[endpoints]]
+            id = "loc42-invoices"
+            url = "http://127.0.0.1:1/"
+            event_types = ["InvoicePaid"]
+            location_ids = ["loc_42"]
+            secrets = ["{SECRET}"]
+            [[endpoints]]
+            id = "off"
+            url = "http://127.0.0.1:1/"
+            enabled = false
+            secrets = ["{SECRET}"]
+            "#
+        ));
+        assert_eq!(ids(&r, "ContactCreate", None), ["all", "contacts"]);
+        assert_eq!(ids(&r, "InvoicePaid", Some("loc_42")), ["all", "loc42-invoices"]);
+        assert_eq!(ids(&r, "InvoicePaid", Some("loc_7")), ["all"]);
+        assert_eq!(ids(&r, "InvoicePaid", None), ["all"]);
+        r.get("all").expect("exists").set_enabled(false);
+        assert_eq!(ids(&r, "NoteCreate", None), Vec::<String>::new());
+    }
+}

@@ -1,0 +1,366 @@
+//! The Kafka source: consume, decode, route, and write each batch to the
+//! outbox; commit offsets only up to what is settled.
+//!
+//! Messages are gathered into batches (up to `batch_max`, or `batch_linger`
+//! after the first), routed against one snapshot of the endpoints, and written
+//! in one atomic store call with their dedup keys. A message is settled when
+//! that write returns, or, for a message that cannot be decoded, when its dead
+//! letter is acknowledged. [`offsets::Offsets`] turns settlements into the
+//! offsets that may be committed; they are committed every `commit_interval`,
+//! when partitions are revoked, and at shutdown.
+
+pub mod embedded;
+pub mod offsets;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::SourceConfig;
+use crate::dead_letter::{self, DeadLetters};
+use crate::deliver::sleep_or_cancel;
+use crate::event::{self, Event, RawMessage, SourcePos};
+use crate::route::Registry;
+use crate::store::{Delivery, Intake, NewEvent, Store, now_ms};
+use crate::telemetry::admin::Health;
+use crate::telemetry::metrics as m;
+use offsets::{Offsets, Tp};
+
+/// Batches being written to the store at once; more waits (backpressure).
+const BATCHES_IN_FLIGHT: usize = 4;
+/// How long shutdown waits for batches and dead letters under way.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// librdkafka settings shared by the consumer and the dead-letter producer.
+pub fn kafka_config(cfg: &SourceConfig, bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap).set("client.id", "webhookd");
+    for (k, v) in &cfg.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+pub struct ConsumerCtx {
+    offsets: Arc<Mutex<Offsets>>,
+}
+
+fn lock(o: &Mutex<Offsets>) -> std::sync::MutexGuard<'_, Offsets> {
+    o.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn tp_list(items: &[(Tp, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in items {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    tpl
+}
+
+impl ClientContext for ConsumerCtx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
+impl ConsumerContext for ConsumerCtx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Commit what is settled for the partitions we lose, and forget them:
+            // anything still unsettled will be consumed again by the next owner.
+            let commit: Vec<(Tp, i64)> = {
+                let mut o = lock(&self.offsets);
+                tpl.elements()
+                    .iter()
+                    .filter_map(|e| {
+                        let tp = (e.topic().to_owned(), e.partition());
+                        o.revoke(&tp).map(|off| (tp, off))
+                    })
+                    .collect()
+            };
+            tracing::info!(partitions = tpl.count(), commits = commit.len(), "partitions revoked");
+            if !commit.is_empty() {
+                let result = consumer.commit(&tp_list(&commit), CommitMode::Sync);
+                record_commit(&result);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut o = lock(&self.offsets);
+            for e in tpl.elements() {
+                o.assign((e.topic().to_owned(), e.partition()));
+            }
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        record_commit(&result);
+        if result.is_ok() {
+            let mut o = lock(&self.offsets);
+            for e in offsets.elements() {
+                if let Offset::Offset(off) = e.offset() {
+                    o.committed(&(e.topic().to_owned(), e.partition()), off);
+                }
+            }
+        }
+    }
+}
+
+fn record_commit(result: &KafkaResult<()>) {
+    match result {
+        Ok(()) => metrics::counter!(m::OFFSET_COMMITS, "result" => "ok").increment(1),
+        Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => {
+            metrics::counter!(m::OFFSET_COMMITS, "result" => "error").increment(1);
+            tracing::warn!(error = %e, "offset commit failed; it will be retried");
+        }
+    }
+}
+
+pub type KafkaConsumer = StreamConsumer<ConsumerCtx>;
+
+pub struct Source {
+    consumer: Arc<KafkaConsumer>,
+    offsets: Arc<Mutex<Offsets>>,
+    store: Store,
+    registry: Registry,
+    dead_letters: DeadLetters,
+    cfg: SourceConfig,
+    health: Arc<Health>,
+}
+
+impl Source {
+    pub fn new(
+        cfg: &SourceConfig,
+        bootstrap: &str,
+        store: Store,
+        registry: Registry,
+        dead_letters: DeadLetters,
+        health: Arc<Health>,
+    ) -> Result<Source, KafkaError> {
+        let offsets = Arc::new(Mutex::new(Offsets::default()));
+        let consumer: KafkaConsumer = kafka_config(cfg, bootstrap)
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
+            .create_with_context(ConsumerCtx { offsets: offsets.clone() })?;
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Source { consumer: Arc::new(consumer), offsets, store, registry, dead_letters, cfg: cfg.clone(), health })
+    }
+
+    /// Consumes until `shutdown`, then drains and commits what is settled.
+    /// Returns the consumer so the caller can close it under a timeout.
+    pub async fn run(self, shutdown: CancellationToken) -> Arc<KafkaConsumer> {
+        let probe = tokio::spawn(probe(self.consumer.clone(), self.cfg.topics[0].clone(), self.health.clone(), shutdown.clone()));
+        let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        let tasks = TaskTracker::new();
+        let mut batch: Vec<(Event, u64)> = Vec::with_capacity(self.cfg.batch_max.get());
+        let mut deadline: Option<Instant> = None;
+        let mut commit_tick = tokio::time::interval(self.cfg.commit_interval);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = commit_tick.tick() => self.commit(CommitMode::Async),
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    deadline = None;
+                    self.flush(&mut batch, &slots, &tasks, &shutdown).await;
+                }
+                msg = self.consumer.recv() => match msg {
+                    Ok(msg) => {
+                        self.take(&msg, &mut batch, &tasks, &shutdown);
+                        if batch.len() >= self.cfg.batch_max.get() {
+                            deadline = None;
+                            self.flush(&mut batch, &slots, &tasks, &shutdown).await;
+                        } else if deadline.is_none() && !batch.is_empty() {
+                            deadline = Some(Instant::now() + self.cfg.batch_linger);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                },
+            }
+        }
+        self.flush(&mut batch, &slots, &tasks, &shutdown).await;
+        tasks.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait()).await.is_err() {
+            tracing::warn!("some messages were not settled at shutdown; they will be consumed again");
+        }
+        self.commit(CommitMode::Sync);
+        let _ = probe.await;
+        tracing::info!(unsettled = lock(&self.offsets).unsettled(), "source stopped");
+        self.consumer
+    }
+
+    fn commit(&self, mode: CommitMode) {
+        let items = lock(&self.offsets).to_commit();
+        if items.is_empty() {
+            return;
+        }
+        let result = self.consumer.commit(&tp_list(&items), mode);
+        if matches!(mode, CommitMode::Sync) {
+            record_commit(&result);
+            if result.is_ok() {
+                let mut o = lock(&self.offsets);
+                for (tp, off) in &items {
+                    o.committed(tp, *off);
+                }
+            }
+        } else if let Err(e) = result {
+            record_commit(&Err(e));
+        }
+    }
+
+    /// Decodes one message into the batch, or dead-letters it.
+    fn take(&self, msg: &BorrowedMessage<'_>, batch: &mut Vec<(Event, u64)>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        metrics::counter!(m::EVENTS_CONSUMED).increment(1);
+        let tp = (msg.topic().to_owned(), msg.partition());
+        let generation = lock(&self.offsets).received(&tp, msg.offset());
+        let headers = msg
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+            .unwrap_or_default();
+        let source = SourcePos { topic: tp.0.clone(), partition: tp.1, offset: msg.offset() };
+        let raw = RawMessage { value: msg.payload(), headers, kafka_time_ms: msg.timestamp().to_millis(), source };
+        match event::decode(raw, &self.cfg.envelope, self.cfg.max_event_bytes.get(), now_ms()) {
+            Ok(ev) => batch.push((ev, generation)),
+            Err(invalid) => {
+                let pos = SourcePos { topic: tp.0.clone(), partition: tp.1, offset: msg.offset() };
+                metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason()).increment(1);
+                tracing::warn!(topic = %pos.topic, partition = pos.partition, offset = pos.offset,
+                    reason = invalid.reason(), detail = %invalid, "invalid event: dead-lettering it");
+                let record = dead_letter::invalid_record(&pos, msg.payload(), &invalid, now_ms());
+                let key = msg
+                    .key()
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .map_or_else(|| format!("{}/{}/{}", pos.topic, pos.partition, pos.offset), str::to_owned);
+                let (dlq, offsets, shutdown) = (self.dead_letters.clone(), self.offsets.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    loop {
+                        match dlq.send(&key, invalid.reason(), &record).await {
+                            Ok(()) => {
+                                lock(&offsets).settled(&tp, generation, pos.offset);
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, offset = pos.offset, "cannot dead-letter invalid event; retrying");
+                                if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Routes the batch and writes it to the store in the background.
+    async fn flush(&self, batch: &mut Vec<(Event, u64)>, slots: &Arc<Semaphore>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        if batch.is_empty() {
+            return;
+        }
+        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let table = self.registry.snapshot();
+        let mut settle = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for (ev, generation) in batch.drain(..) {
+            let deliveries = table
+                .route(&ev.event_type, ev.location_id.as_deref())
+                .iter()
+                .map(|ep| Delivery {
+                    webhook_id: event::webhook_id(&ev.id, ep.id()),
+                    endpoint_id: ep.id().to_owned(),
+                    event_id: ev.id.clone(),
+                    event_type: ev.event_type.clone(),
+                    event_time_ms: ev.time_ms,
+                    source: ev.source.clone(),
+                    attempts: 0,
+                    first_attempt_ms: 0,
+                    last_attempt_ms: 0,
+                    last_status: 0,
+                    last_error: String::new(),
+                    dead_letter_reason: None,
+                    payload: ev.payload.clone(),
+                })
+                .collect();
+            settle.push(((ev.source.topic, ev.source.partition), generation, ev.source.offset));
+            events.push(NewEvent { event_id: ev.id, deliveries });
+        }
+        let events = Arc::new(events);
+        let (store, offsets, shutdown) = (self.store.clone(), self.offsets.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            loop {
+                match store.intake(events.clone()).await {
+                    Ok(results) => {
+                        let dups = results.iter().filter(|r| **r == Intake::Duplicate).count();
+                        if dups > 0 {
+                            metrics::counter!(m::EVENTS_DUPLICATE).increment(dups as u64);
+                        }
+                        let mut o = lock(&offsets);
+                        for (tp, generation, offset) in &settle {
+                            o.settled(tp, *generation, *offset);
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, events = events.len(), "cannot write events to the store; consumption is held until it can");
+                        if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Keeps `health.kafka` true while the cluster answers metadata requests.
+async fn probe(consumer: Arc<KafkaConsumer>, topic: String, health: Arc<Health>, shutdown: CancellationToken) {
+    loop {
+        let c = consumer.clone();
+        let t = topic.clone();
+        let ok = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), Duration::from_secs(3)).is_ok())
+            .await
+            .unwrap_or(false);
+        if health.kafka.swap(ok, std::sync::atomic::Ordering::AcqRel) != ok {
+            if ok {
+                tracing::info!("Kafka reachable");
+            } else {
+                tracing::warn!("Kafka unreachable: not ready");
+            }
+        }
+        if sleep_or_cancel(PROBE_INTERVAL, &shutdown).await {
+            return;
+        }
+    }
+}

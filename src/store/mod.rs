@@ -1,0 +1,380 @@
+//! RocksDB: one database, one column family per kind of state.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `dedup`    | event id | first-seen unix ms (expired by a compaction filter) |
+//! | `ready`    | endpoint id, 0x00, seq (u64 BE) | [`Delivery`] due now, FIFO per endpoint |
+//! | `waiting`  | due unix ms (u64 BE), seq | [`Delivery`] scheduled for a retry |
+//! | `dead`     | unix ms, seq | the dead letter as produced to the topic |
+//! | `endpoints`| endpoint id | JSON state (disabled, why, when) |
+//! | `meta`     | name | e.g. the last sequence number |
+//!
+//! A delivery lives in exactly one of `ready` and `waiting` until it is done or
+//! dead-lettered. Every mutation goes through one writer thread that groups
+//! whatever is queued into a single atomic `WriteBatch` (group commit), hands
+//! out sequence numbers in commit order, and only then wakes the endpoint
+//! workers and the retry scheduler. Reads run on tokio's blocking pool, so no
+//! RocksDB call ever runs on an async worker thread.
+
+mod record;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+pub use record::{CorruptRecord, Delivery};
+use writer::{Op, Writer};
+
+pub(crate) const CF_DEDUP: &str = "dedup";
+pub(crate) const CF_READY: &str = "ready";
+pub(crate) const CF_WAITING: &str = "waiting";
+pub(crate) const CF_DEAD: &str = "dead";
+pub(crate) const CF_ENDPOINTS: &str = "endpoints";
+pub(crate) const CF_META: &str = "meta";
+const ALL_CFS: [&str; 6] = [CF_DEDUP, CF_READY, CF_WAITING, CF_DEAD, CF_ENDPOINTS, CF_META];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error(transparent)]
+    Corrupt(#[from] CorruptRecord),
+    #[error("the store is closed")]
+    Closed,
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// An event to take in: its dedup key and one delivery per matching endpoint.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub deliveries: Vec<Delivery>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// Seen within the dedup window: nothing written.
+    Duplicate,
+    /// Dedup key and this many deliveries written.
+    Accepted(usize),
+}
+
+/// What becomes of a ready delivery after an attempt.
+#[derive(Debug, Clone)]
+pub enum Next {
+    /// Delivered: forget it.
+    Done,
+    /// Retry at `due_ms` (unix ms) with the updated record.
+    Wait { due_ms: i64, delivery: Delivery },
+    /// Dead-lettered (already produced to the topic): keep this record in the local index.
+    Dead { record: Vec<u8> },
+}
+
+/// A delivery due now, as an endpoint worker loads it.
+#[derive(Debug, Clone)]
+pub struct ReadyItem {
+    pub seq: u64,
+    pub key: Vec<u8>,
+    pub delivery: Delivery,
+}
+
+/// A retry that has come due.
+#[derive(Debug, Clone)]
+pub struct DueItem {
+    pub key: Vec<u8>,
+    pub delivery: Delivery,
+}
+
+/// Who to wake after a commit.
+#[derive(Debug, Default)]
+pub struct Wakeups {
+    endpoints: RwLock<HashMap<String, Arc<Notify>>>,
+    scheduler: Notify,
+}
+
+impl Wakeups {
+    /// The notifier an endpoint worker waits on.
+    pub fn endpoint(&self, id: &str) -> Arc<Notify> {
+        let mut map = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(id.to_owned()).or_default().clone()
+    }
+    pub fn scheduler(&self) -> &Notify {
+        &self.scheduler
+    }
+    fn wake_endpoint(&self, id: &str) {
+        if let Some(n) = self.endpoints.read().unwrap_or_else(|p| p.into_inner()).get(id) {
+            n.notify_one();
+        }
+    }
+}
+
+/// Live counts of the outbox, kept by the writer.
+#[derive(Debug, Default)]
+pub struct Depth {
+    pub ready: AtomicI64,
+    pub waiting: AtomicI64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub dedup_window: Duration,
+    pub sync_writes: bool,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    tx: mpsc::Sender<Op>,
+    wake: Arc<Wakeups>,
+    depth: Arc<Depth>,
+    healthy: Arc<AtomicBool>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    dedup_window_ms: i64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.db.path()).finish()
+    }
+}
+
+impl Store {
+    pub fn open(path: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        db_opts.set_keep_log_file_num(4);
+        let window_ms = i64::try_from(opts.dedup_window.as_millis()).unwrap_or(i64::MAX);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if *name == CF_DEDUP {
+                // Expired dedup keys are dropped as compaction rewrites them, so
+                // expiry never scans on the hot path; a periodic compaction makes
+                // sure cold files get rewritten too. Reads check expiry as well.
+                o.set_compaction_filter("dedup-expiry", move |_level, _key, value| {
+                    if expired(value, window_ms, now_ms()) {
+                        rocksdb::CompactionDecision::Remove
+                    } else {
+                        rocksdb::CompactionDecision::Keep
+                    }
+                });
+                o.set_periodic_compaction_seconds(24 * 3600);
+            }
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
+        let depth = Arc::new(Depth::default());
+        depth.ready.store(count(&db, CF_READY)?, Ordering::Relaxed);
+        depth.waiting.store(count(&db, CF_WAITING)?, Ordering::Relaxed);
+        let wake = Arc::new(Wakeups::default());
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = mpsc::channel(1024);
+        let writer = Writer::new(db.clone(), rx, wake.clone(), depth.clone(), healthy.clone(), opts.sync_writes, window_ms)?;
+        let handle = std::thread::Builder::new()
+            .name("webhookd-store".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok(Store {
+            db,
+            tx,
+            wake,
+            depth,
+            healthy,
+            writer: Arc::new(Mutex::new(Some(handle))),
+            dedup_window_ms: window_ms,
+        })
+    }
+
+    pub fn wakeups(&self) -> &Arc<Wakeups> {
+        &self.wake
+    }
+    pub fn depth(&self) -> &Arc<Depth> {
+        &self.depth
+    }
+    /// False after a write failed, until one succeeds again.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+    pub fn path(&self) -> &Path {
+        self.db.path()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Writes each event's dedup key and deliveries in one atomic batch; events
+    /// seen within the dedup window (or earlier in the same batch) are skipped.
+    pub async fn intake(&self, events: Arc<Vec<NewEvent>>) -> Result<Vec<Intake>, StoreError> {
+        self.call(|reply| Op::Intake { events, reply }).await
+    }
+
+    /// Settles a ready delivery after an attempt.
+    pub async fn finish(&self, ready_key: Vec<u8>, next: Next) -> Result<(), StoreError> {
+        self.call(|reply| Op::Finish { ready_key, next, reply }).await
+    }
+
+    /// Moves due retries back to their endpoints' ready queues.
+    pub async fn promote(&self, due: Vec<DueItem>) -> Result<(), StoreError> {
+        self.call(|reply| Op::Promote { due, reply }).await
+    }
+
+    /// Persists an endpoint's disabled state (`None` re-enables it).
+    pub async fn set_endpoint_disabled(&self, id: &str, state: Option<serde_json::Value>) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.call(|reply| Op::EndpointState { id, state, reply }).await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&DB) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Up to `limit` ready deliveries of one endpoint with a sequence number above `after`.
+    pub async fn load_ready(&self, endpoint: &str, after: Option<u64>, limit: usize) -> Result<Vec<ReadyItem>, StoreError> {
+        let endpoint = endpoint.to_owned();
+        self.read(move |db| {
+            let cf = cf(db, CF_READY);
+            let start = ready_key(&endpoint, after.map_or(0, |s| s.saturating_add(1)));
+            let mut end = endpoint.as_bytes().to_vec();
+            end.push(1);
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_lower_bound(start.clone());
+            ro.set_iterate_upper_bound(end);
+            let mut out = Vec::new();
+            for kv in db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)).take(limit) {
+                let (k, v) = kv?;
+                let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().map_err(|_| CorruptRecord("ready key"))?);
+                out.push(ReadyItem { seq, key: k.to_vec(), delivery: Delivery::decode(&v)? });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Retries due at or before `now_ms` (up to `limit`), and the due time of
+    /// the next one after them. `from_ms` skips the already-promoted range.
+    pub async fn due(&self, now_ms: i64, from_ms: i64, limit: usize) -> Result<(Vec<DueItem>, Option<i64>), StoreError> {
+        self.read(move |db| {
+            let cf = cf(db, CF_WAITING);
+            let start = (from_ms.max(0) as u64).to_be_bytes().to_vec();
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_lower_bound(start.clone());
+            let mut out = Vec::new();
+            for kv in db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
+                let (k, v) = kv?;
+                let due = i64::from_be_bytes(k[..8].try_into().map_err(|_| CorruptRecord("waiting key"))?);
+                if due > now_ms || out.len() >= limit {
+                    return Ok((out, Some(due)));
+                }
+                out.push(DueItem { key: k.to_vec(), delivery: Delivery::decode(&v)? });
+            }
+            Ok((out, None))
+        })
+        .await
+    }
+
+    /// Disabled endpoints and their recorded state.
+    pub async fn disabled_endpoints(&self) -> Result<HashMap<String, serde_json::Value>, StoreError> {
+        self.read(|db| {
+            let mut out = HashMap::new();
+            for kv in db.iterator_cf(cf(db, CF_ENDPOINTS), IteratorMode::Start) {
+                let (k, v) = kv?;
+                let state = serde_json::from_slice(&v).map_err(|_| CorruptRecord("endpoint state"))?;
+                out.insert(String::from_utf8_lossy(&k).into_owned(), state);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The dead letters kept in the local index, oldest first.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.read(move |db| {
+            let mut out = Vec::new();
+            for kv in db.iterator_cf(cf(db, CF_DEAD), IteratorMode::Start).take(limit) {
+                let (_, v) = kv?;
+                out.push(serde_json::from_slice(&v).map_err(|_| CorruptRecord("dead letter"))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Whether an event id is inside the dedup window.
+    pub async fn seen(&self, event_id: &str) -> Result<bool, StoreError> {
+        let id = event_id.to_owned();
+        let window = self.dedup_window_ms;
+        self.read(move |db| Ok(db.get_cf(cf(db, CF_DEDUP), id)?.is_some_and(|v| !expired(&v, window, now_ms()))))
+            .await
+    }
+
+    /// Stops the writer after it has applied everything queued before this call.
+    pub async fn close(&self) {
+        let _ = self.tx.send(Op::Close).await;
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column families are created at open")
+}
+
+pub(crate) fn ready_key(endpoint: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(endpoint.len() + 9);
+    k.extend_from_slice(endpoint.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn seq_key(ms: i64, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16);
+    k.extend_from_slice(&(ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn expired(value: &[u8], window_ms: i64, now: i64) -> bool {
+    match <[u8; 8]>::try_from(value) {
+        Ok(b) => i64::from_be_bytes(b).saturating_add(window_ms) < now,
+        Err(_) => true,
+    }
+}
+
+fn count(db: &DB, name: &str) -> Result<i64, StoreError> {
+    let mut n = 0;
+    let mut it = db.raw_iterator_cf(cf(db, name));
+    it.seek_to_first();
+    while it.valid() {
+        n += 1;
+        it.next();
+    }
+    it.status()?;
+    Ok(n)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,229 @@
+//! The single writer thread: group commit of everything queued, sequence
+//! numbers in commit order, wake-ups only after the write is durable.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rocksdb::{DB, WriteBatch, WriteOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, Depth, DueItem, Intake, NewEvent, Next,
+    StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
+};
+use crate::telemetry::metrics as m;
+
+/// Most operations folded into one write batch.
+const MAX_GROUP: usize = 512;
+const META_SEQ: &[u8] = b"seq";
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(super) enum Op {
+    Intake { events: Arc<Vec<NewEvent>>, reply: Reply<Vec<Intake>> },
+    Finish { ready_key: Vec<u8>, next: Next, reply: Reply<()> },
+    Promote { due: Vec<DueItem>, reply: Reply<()> },
+    EndpointState { id: String, state: Option<serde_json::Value>, reply: Reply<()> },
+    Close,
+}
+
+pub(super) struct Writer {
+    db: Arc<DB>,
+    rx: mpsc::Receiver<Op>,
+    wake: Arc<Wakeups>,
+    depth: Arc<Depth>,
+    healthy: Arc<AtomicBool>,
+    sync_writes: bool,
+    dedup_window_ms: i64,
+    next_seq: u64,
+}
+
+/// The effects of one group, applied only if its batch commits.
+#[derive(Default)]
+struct Group {
+    batch: WriteBatch,
+    sync: bool,
+    replies: Vec<Box<dyn FnOnce(Result<(), &StoreError>) + Send>>,
+    wake_endpoints: HashSet<String>,
+    wake_scheduler: bool,
+    ready_delta: i64,
+    waiting_delta: i64,
+    dedup_added: HashSet<String>,
+}
+
+impl Writer {
+    pub(super) fn new(
+        db: Arc<DB>,
+        rx: mpsc::Receiver<Op>,
+        wake: Arc<Wakeups>,
+        depth: Arc<Depth>,
+        healthy: Arc<AtomicBool>,
+        sync_writes: bool,
+        dedup_window_ms: i64,
+    ) -> Result<Writer, StoreError> {
+        let next_seq = match db.get_cf(cf(&db, CF_META), META_SEQ)? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8])) + 1,
+            None => 1,
+        };
+        Ok(Writer { db, rx, wake, depth, healthy, sync_writes, dedup_window_ms, next_seq })
+    }
+
+    pub(super) fn run(mut self) {
+        let mut closing = false;
+        while !closing {
+            let Some(first) = self.rx.blocking_recv() else { break };
+            let mut ops = vec![first];
+            while ops.len() < MAX_GROUP {
+                match self.rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let mut g = Group::default();
+            let seq_before = self.next_seq;
+            for op in ops {
+                match op {
+                    Op::Close => closing = true,
+                    op => self.apply(op, &mut g),
+                }
+            }
+            if g.replies.is_empty() {
+                continue;
+            }
+            if self.next_seq != seq_before {
+                g.batch.put_cf(cf(&self.db, CF_META), META_SEQ, (self.next_seq - 1).to_be_bytes());
+            }
+            let mut wo = WriteOptions::default();
+            wo.set_sync(g.sync);
+            let result = self.db.write_opt(g.batch, &wo).map_err(StoreError::from);
+            match &result {
+                Ok(()) => {
+                    self.healthy.store(true, Ordering::Release);
+                    let ready = self.depth.ready.fetch_add(g.ready_delta, Ordering::AcqRel) + g.ready_delta;
+                    let waiting = self.depth.waiting.fetch_add(g.waiting_delta, Ordering::AcqRel) + g.waiting_delta;
+                    metrics::gauge!(m::OUTBOX_READY).set(ready as f64);
+                    metrics::gauge!(m::OUTBOX_WAITING).set(waiting as f64);
+                }
+                Err(e) => {
+                    self.healthy.store(false, Ordering::Release);
+                    metrics::counter!(m::STORE_WRITE_ERRORS).increment(1);
+                    tracing::error!(error = %e, "store write failed; nothing of this batch was applied");
+                }
+            }
+            for reply in g.replies {
+                reply(result.as_ref().map(|_| ()));
+            }
+            if result.is_ok() {
+                for id in &g.wake_endpoints {
+                    self.wake.wake_endpoint(id);
+                }
+                if g.wake_scheduler {
+                    self.wake.scheduler().notify_one();
+                }
+            }
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    fn apply(&mut self, op: Op, g: &mut Group) {
+        match op {
+            Op::Intake { events, reply } => match self.intake(events, g) {
+                Ok(results) => g.replies.push(Box::new(move |r| {
+                    let _ = reply.send(r.map(|_| results).map_err(clone_err));
+                })),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Op::Finish { ready_key, next, reply } => {
+                g.batch.delete_cf(cf(&self.db, CF_READY), &ready_key);
+                g.ready_delta -= 1;
+                match next {
+                    Next::Done => {}
+                    Next::Wait { due_ms, delivery } => {
+                        let key = seq_key(due_ms.max(now_ms()), self.seq());
+                        g.batch.put_cf(cf(&self.db, CF_WAITING), key, delivery.encode());
+                        g.waiting_delta += 1;
+                        g.wake_scheduler = true;
+                    }
+                    Next::Dead { record } => {
+                        let key = seq_key(now_ms(), self.seq());
+                        g.batch.put_cf(cf(&self.db, CF_DEAD), key, record);
+                    }
+                }
+                g.replies.push(simple(reply));
+            }
+            Op::Promote { due, reply } => {
+                for item in due {
+                    g.batch.delete_cf(cf(&self.db, CF_WAITING), &item.key);
+                    g.waiting_delta -= 1;
+                    let key = ready_key(&item.delivery.endpoint_id, self.seq());
+                    g.batch.put_cf(cf(&self.db, CF_READY), key, item.delivery.encode());
+                    g.ready_delta += 1;
+                    g.wake_endpoints.insert(item.delivery.endpoint_id);
+                }
+                g.replies.push(simple(reply));
+            }
+            Op::EndpointState { id, state, reply } => {
+                let cf = cf(&self.db, CF_ENDPOINTS);
+                match state {
+                    Some(s) => g.batch.put_cf(cf, id.as_bytes(), s.to_string()),
+                    None => g.batch.delete_cf(cf, id.as_bytes()),
+                }
+                g.wake_endpoints.insert(id);
+                g.replies.push(simple(reply));
+            }
+            Op::Close => {}
+        }
+    }
+
+    fn intake(&mut self, events: Arc<Vec<NewEvent>>, g: &mut Group) -> Result<Vec<Intake>, StoreError> {
+        let db = self.db.clone();
+        let dedup = cf(&db, CF_DEDUP);
+        let found = db.multi_get_cf(events.iter().map(|e| (dedup, e.event_id.as_bytes())));
+        let now = now_ms();
+        let mut results = Vec::with_capacity(events.len());
+        let mut pending: HashMap<&str, ()> = HashMap::new();
+        for (event, prior) in events.iter().zip(found) {
+            let seen = match prior? {
+                Some(v) => !expired(&v, self.dedup_window_ms, now),
+                None => false,
+            };
+            if seen || g.dedup_added.contains(&event.event_id) || pending.insert(&event.event_id, ()).is_some() {
+                results.push(Intake::Duplicate);
+                continue;
+            }
+            g.batch.put_cf(dedup, event.event_id.as_bytes(), now.to_be_bytes());
+            for d in &event.deliveries {
+                let key = ready_key(&d.endpoint_id, self.seq());
+                g.batch.put_cf(cf(&db, CF_READY), key, d.encode());
+                g.ready_delta += 1;
+                g.wake_endpoints.insert(d.endpoint_id.clone());
+            }
+            results.push(Intake::Accepted(event.deliveries.len()));
+        }
+        g.dedup_added.extend(pending.into_keys().map(str::to_owned));
+        g.sync |= self.sync_writes;
+        Ok(results)
+    }
+}
+
+fn simple(reply: Reply<()>) -> Box<dyn FnOnce(Result<(), &StoreError>) + Send> {
+    Box::new(move |r| {
+        let _ = reply.send(r.map_err(clone_err));
+    })
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Rocks(r) => StoreError::Rocks(r.clone()),
+        other => StoreError::Task(other.to_string()),
+    }
+}

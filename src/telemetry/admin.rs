@@ -1,0 +1,82 @@
+//! The admin listener: `/metrics`, `/healthz` (liveness) and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+/// What readiness is made of. The source sets `kafka`; the store reports its own health.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub kafka: AtomicBool,
+    pub started: AtomicBool,
+    pub stopping: AtomicBool,
+}
+
+impl Health {
+    fn checks(&self, store: &Store) -> Vec<(&'static str, bool)> {
+        vec![
+            ("kafka", self.kafka.load(Ordering::Acquire)),
+            ("store", store.is_healthy()),
+            ("started", self.started.load(Ordering::Acquire)),
+            ("not_stopping", !self.stopping.load(Ordering::Acquire)),
+        ]
+    }
+
+    pub fn is_ready(&self, store: &Store) -> bool {
+        self.checks(store).iter().all(|(_, ok)| *ok)
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    prom: PrometheusHandle,
+    health: Arc<Health>,
+    store: Store,
+}
+
+/// Binds the admin listener; returns its bound address and the serving future.
+pub async fn bind(
+    addr: SocketAddr,
+    prom: PrometheusHandle,
+    health: Arc<Health>,
+    store: Store,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AdminState { prom, health, store });
+    let serve = async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    };
+    Ok((local, serve))
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.prom.render()).into_response()
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let checks = s.health.checks(&s.store);
+    let ready = checks.iter().all(|(_, ok)| *ok);
+    let body = serde_json::json!({
+        "ready": ready,
+        "checks": checks.iter().map(|(k, ok)| (k.to_string(), serde_json::Value::Bool(*ok))).collect::<serde_json::Map<_, _>>(),
+    });
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, axum::Json(body)).into_response()
+}
