@@ -29,6 +29,8 @@ use crate::route::TypeFilter;
 pub const ENV_PREFIX: &str = "WEBHOOKD_";
 /// Environment variables with the prefix that are not config overrides.
 const ENV_NOT_OVERRIDES: &[&str] = &["WEBHOOKD_CONFIG", "WEBHOOKD_LOG"];
+/// Variables for the test suite (e.g. `WEBHOOKD_TEST_BOOTSTRAP`), not overrides either.
+const ENV_TEST_PREFIX: &str = "WEBHOOKD_TEST_";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -157,7 +159,7 @@ impl Config {
         let mut problems = Vec::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
-            if ENV_NOT_OVERRIDES.contains(&name.as_str()) || rest.is_empty() {
+            if ENV_NOT_OVERRIDES.contains(&name.as_str()) || name.starts_with(ENV_TEST_PREFIX) || rest.is_empty() {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -168,7 +170,7 @@ impl Config {
                 Err(e) => problems.push(format!("{name}: {e}")),
             }
         }
-        let mut r = Reader { root: &table, seen: BTreeSet::new(), problems, from_env };
+        let mut r = Reader { root: &table, seen: BTreeSet::new(), free_form: Vec::new(), problems, from_env };
         let config = Config::read(&mut r);
         r.unknown_keys();
         if r.problems.is_empty() {
@@ -200,6 +202,7 @@ impl Config {
             },
             kafka: r.get("source.kafka", BTreeMap::new()),
         };
+        r.free_form("source.kafka");
         if source.topics.is_empty() {
             r.problem("source.topics", "at least one topic is required");
         }
@@ -330,6 +333,8 @@ fn nz_usize(n: usize) -> NonZeroUsize {
 struct Reader<'a> {
     root: &'a Table,
     seen: BTreeSet<String>,
+    /// Tables whose keys are not ours to check (librdkafka properties).
+    free_form: Vec<String>,
     problems: Vec<String>,
     /// display path → the environment variable that set it
     from_env: BTreeMap<String, String>,
@@ -347,6 +352,10 @@ impl Reader<'_> {
             };
         }
         Some(cur)
+    }
+
+    fn free_form(&mut self, path: &str) {
+        self.free_form.push(format!("{path}."));
     }
 
     fn problem(&mut self, path: &str, msg: &str) {
@@ -436,7 +445,8 @@ impl Reader<'_> {
         let mut unknown = Vec::new();
         walk(self.root, String::new(), &mut |path| {
             let known = self.seen.contains(&path)
-                || self.seen.iter().any(|s| s.starts_with(&format!("{path}.")) || path.starts_with(&format!("{s}.")));
+                || self.free_form.iter().any(|f| path.starts_with(f.as_str()))
+                || self.seen.iter().any(|s| s.starts_with(&format!("{path}.")));
             if !known {
                 unknown.push(path);
             }
@@ -529,5 +539,93 @@ fn set_in_value(target: &mut Value, path: &[String], value: Value) -> Result<(),
             }
         }
         _ => Err("the key above it is not a table".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_documented_default_config_is_the_default() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/webhookd.toml")).expect("file");
+        let documented = Config::from_toml_str(&text, Vec::new()).expect("valid");
+        let empty = Config::from_toml_str("", Vec::new()).expect("valid");
+        assert_eq!(format!("{documented:?}"), format!("{empty:?}"), "config/webhookd.toml must show the defaults");
+        // Every key a reader asks for is documented in the file.
+        let mut r = Reader { root: &Table::new(), seen: BTreeSet::new(), free_form: Vec::new(), problems: Vec::new(), from_env: BTreeMap::new() };
+        let _ = Config::read(&mut r);
+        let mut with_endpoint = Table::new();
+        with_endpoint.insert("endpoints".into(), Value::Array(vec![Value::Table(Table::new())]));
+        let mut r2 = Reader { root: &with_endpoint, seen: BTreeSet::new(), free_form: Vec::new(), problems: Vec::new(), from_env: BTreeMap::new() };
+        let _ = Config::read(&mut r2);
+        for path in r.seen.iter().chain(r2.seen.iter()) {
+            let key = path.rsplit('.').next().expect("key");
+            let documented = text.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                l.contains(&format!("{key} =")) || l.starts_with(&format!("[{path}]")) || l.starts_with(&format!("[[{path}]]"))
+            });
+            assert!(documented, "{path} is not documented in config/webhookd.toml");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_reach_nested_keys_and_arrays() {
+        let toml = format!("[[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1:1/\"\nsecrets = [\"{SECRET}\"]\n");
+        let c = Config::from_toml_str(
+            &toml,
+            env(&[
+                ("WEBHOOKD_SOURCE__BROKERS", "k0:9092, k1:9092"),
+                ("WEBHOOKD_STORE__SYNC_WRITES", "false"),
+                ("WEBHOOKD_ENDPOINTS__0__URL", "https://hooks.example.com/x"),
+                ("WEBHOOKD_ENDPOINTS__0__RATE_LIMIT__PER_SECOND", "7"),
+                ("WEBHOOKD_CONFIG", "ignored.toml"),
+                ("WEBHOOKD_TEST_BOOTSTRAP", "ignored"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.source.brokers, ["k0:9092", "k1:9092"]);
+        assert!(!c.store.sync_writes);
+        assert_eq!(c.endpoints[0].url.as_str(), "https://hooks.example.com/x");
+        assert_eq!(c.endpoints[0].rate_limit.per_second.get(), 7);
+        assert_eq!(c.endpoints[0].rate_limit.burst.get(), 7, "burst defaults to the rate");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_by_path() {
+        let toml = "[source]\ntopics = [\"t\"]\ndead_letter_topic = \"t\"\nsession_timeout = 5\n[log]\nformat = \"xml\"\n\
+                    [[endpoints]]\nid = \"a\"\nurl = \"not a url\"\nsecrets = [\"whsec_c2hvcnQ=\"]\nevent_types = [\"*x\"]\n\
+                    [[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1/\"\nsecrets = []\n";
+        let err = Config::from_toml_str(toml, env(&[("WEBHOOKD_DELIVERY__MAX_IN_FLIGHT", "0")])).expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "source.dead_letter_topic: must not be one of source.topics",
+            "source.session_timeout: expected a duration string",
+            "log.format: expected \"text\" or \"json\"",
+            "endpoints[0].url",
+            "endpoints[0].secrets: a signing secret's key must be 24 to 64 bytes",
+            "endpoints[0].event_types: bad event-type filter",
+            "endpoints[1].id: duplicate endpoint id",
+            "endpoints[1].secrets: at least one signing secret",
+            "delivery.max_in_flight (set by WEBHOOKD_DELIVERY__MAX_IN_FLIGHT)",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 9, "{text}");
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_are_named() {
+        assert!(Config::from_toml_str("[source\n", Vec::new()).expect_err("bad").to_string().contains("TOML syntax"));
+        let err = Config::from_toml_str("[sorce]\nbrokers = []\n[source.kafka]\n\"security.protocol\" = \"SSL\"\n", Vec::new())
+            .expect_err("unknown");
+        assert_eq!(err.problems, vec!["sorce.brokers: unknown key".to_owned()], "librdkafka properties are free-form");
     }
 }

@@ -89,6 +89,7 @@ pub async fn run(config: Config, events: u32, shutdown: CancellationToken) -> an
             _ = shutdown.cancelled() => break,
         }
     }
+    drop(producer);
     println!("\n  demo producer done ({events} events). Counters: curl -s http://{}/metrics | grep ^webhookd_ ; Ctrl-C to stop.\n", started.admin_addr);
     started.wait().await?;
     Ok(())

@@ -1,0 +1,242 @@
+//! Restarts, crashes, signals, the embedded broker, the admin listener, and
+//! the binary's handling of bad configuration.
+
+use std::collections::{HashMap, HashSet};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+fn ids_with_200(hits: &[Hit]) -> HashSet<String> {
+    hits.iter().filter(|h| h.status == 200).map(Hit::event_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_retries_resume_after_a_restart() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("resume", 1).await;
+    let rx = Receiver::start(|_: &Hit| Reply::status(503)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let retry = "base = \"200ms\"\ncap = \"500ms\"\nmax_attempts = 1000";
+    let cfg = config(&kafka, &topic, dir.path(), retry, &endpoint("a", &rx.url("/"), ""));
+    let d = Daemon::start(&cfg).await;
+    let n = 5;
+    for i in 0..n {
+        kafka.produce(&topic, None, &event(&format!("evt_r{i}"), "ContactCreate")).await;
+    }
+    let before = rx
+        .wait_until("a failed attempt of every event", |h| h.iter().map(Hit::event_id).collect::<HashSet<_>>().len() == n)
+        .await;
+    d.stop().await;
+    let ids_before: HashMap<String, String> = before.iter().map(|h| (h.event_id(), h.webhook_id.clone())).collect();
+
+    rx.set_behaviour(Receiver::ok());
+    let d = Daemon::start(&cfg).await;
+    let after = rx.wait_until("every event delivered after the restart", |h| ids_with_200(h).len() == n).await;
+    for h in after.iter().filter(|h| h.status == 200) {
+        assert_eq!(ids_before[&h.event_id()], h.webhook_id, "same webhook-id after the restart");
+    }
+    assert_eq!(d.metric("webhookd_outbox_waiting_deliveries").await, 0.0);
+    d.stop().await;
+}
+
+/// The daemon as a process, its stderr drained into a channel of lines.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webhookd"))
+            .args(args)
+            .env_remove("WEBHOOKD_LOG")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn webhookd");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Waits for a JSON log line with this field; returns its value.
+    fn log_field(&self, field: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no log line with {field:?}"));
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(s) = v[field].as_str()
+            {
+                return s.to_owned();
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "webhookd did not exit within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, toml: &str) -> String {
+    let path = dir.join("webhookd.toml");
+    std::fs::write(&path, toml.replace("level = \"warn\"", "level = \"info\"\nformat = \"json\"")).expect("write config");
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("kill9", 2).await;
+    // Every first attempt fails, so retries are always pending when the kill lands.
+    let rx = Receiver::start(|h: &Hit| Reply::status(if h.attempt == 1 { 503 } else { 200 })).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let retry = "base = \"100ms\"\ncap = \"300ms\"\nmax_attempts = 1000";
+    let path = write_config(dir.path(), &config(&kafka, &topic, &dir.path().join("db"), retry, &endpoint("a", &rx.url("/"), "")));
+    let (first, second) = (40, 20);
+
+    let mut p = Proc::spawn(&["run", "--config", &path]);
+    for i in 0..first {
+        kafka.produce(&topic, None, &event(&format!("evt_k{i}"), "ContactCreate")).await;
+    }
+    rx.wait_for(first / 2).await;
+    p.child.kill().expect("kill -9");
+    p.wait_exit(WAIT).await;
+    let at_kill = rx.hits().len();
+    for i in first..first + second {
+        kafka.produce(&topic, None, &event(&format!("evt_k{i}"), "ContactCreate")).await;
+    }
+    let _p = Proc::spawn(&["run", "--config", &path]);
+    let hits = rx.wait_until("every event delivered after kill -9", |h| ids_with_200(h).len() == first + second).await;
+    let delivered_twice = hits.iter().filter(|h| h.status == 200).count() - (first + second);
+    println!("kill -9 after {at_kill} requests: {} events, lost 0, delivered twice {delivered_twice}", first + second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_quick_start_and_sigterm_exit_zero() {
+    let rx = Receiver::start(Receiver::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "[store]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n{}",
+        dir.path().join("db").display(),
+        endpoint("a", &rx.url("/"), "")
+    );
+    let path = dir.path().join("quick.toml");
+    std::fs::write(&path, toml).expect("write");
+    let mut p = Proc::spawn(&["run", "--config", &path.display().to_string()]);
+    let bootstrap = p.log_field("bootstrap");
+    assert!(bootstrap.starts_with("127.0.0.1:"), "embedded broker on loopback, got {bootstrap}");
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("producer");
+    let body = event("evt_quick", "FormSubmitted");
+    producer
+        .send(rdkafka::producer::FutureRecord::<(), _>::to("webhookd.events").payload(&body), Duration::from_secs(10))
+        .await
+        .expect("produce to the embedded broker");
+    let hit = rx.wait_for(1).await.remove(0);
+    assert_eq!(hit.event_id(), "evt_quick");
+    drop(producer);
+    p.signal("-TERM");
+    let status = p.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "SIGTERM must end in a clean exit 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_is_refused_naming_every_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[source]\ntopics = []\ncommit_interval = \"often\"\n[retry]\nfactor = 0.1\n[admin]\nlisten = \"not-an-address\"\n\
+         [[endpoints]]\nid = \"x\"\nurl = \"gopher://x\"\nsecrets = [\"whsec_c2hvcnQ=\"]\ntypo = 1\n",
+    )
+    .expect("write");
+    let path = path.display().to_string();
+    for cmd in ["check", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_webhookd"))
+            .args([cmd, "--config", &path])
+            .env("WEBHOOKD_STORE__SYNC_WRITES", "maybe")
+            .output()
+            .expect("run webhookd");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        for field in [
+            "source.topics",
+            "source.commit_interval",
+            "retry.factor",
+            "admin.listen",
+            "endpoints[0].url",
+            "endpoints[0].secrets",
+            "endpoints[0].typo: unknown key",
+            "store.sync_writes (set by WEBHOOKD_STORE__SYNC_WRITES)",
+        ] {
+            assert!(err.contains(field), "{cmd}: {field} not named in:\n{err}");
+        }
+        assert!(!err.contains("webhookd running"), "nothing may start");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_serves_health_readiness_and_metrics() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("admin", 1).await;
+    let rx = Receiver::start(Receiver::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &endpoint("a", &rx.url("/"), ""))).await;
+    assert_eq!(d.get("/healthz").await.0, 200);
+    eventually("ready", || async { d.get("/readyz").await.0 == 200 }).await;
+    let (_, ready) = d.get("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("readyz is JSON");
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["checks"]["kafka"], true);
+
+    kafka.produce(&topic, None, &event("evt_m", "ContactCreate")).await;
+    rx.wait_for(1).await;
+    eventually("the delivery counted", || async {
+        d.metric("webhookd_deliveries_total{endpoint=\"a\",outcome=\"delivered\"}").await == 1.0
+    })
+    .await;
+    let (status, text) = d.get("/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "webhookd_events_consumed_total",
+        "webhookd_deliveries_total",
+        "webhookd_attempt_duration_seconds",
+        "webhookd_outbox_ready_deliveries",
+        "webhookd_endpoint_enabled",
+    ] {
+        assert!(text.contains(&format!("# HELP {name} ")), "{name} is not described:\n{text}");
+    }
+    assert_eq!(metric_value(&text, "webhookd_attempt_duration_seconds_count{endpoint=\"a\"}"), 1.0);
+    assert_eq!(metric_value(&text, "webhookd_outbox_ready_deliveries"), 0.0);
+    d.stop().await;
+}
