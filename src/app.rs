@@ -39,7 +39,10 @@ pub enum AppError {
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error("admin listener on {addr}: {source}")]
-    Admin { addr: SocketAddr, source: std::io::Error },
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -71,7 +74,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     let embedded = if config.source.brokers.is_empty() {
         let mut topics = config.source.topics.clone();
         topics.push(config.source.dead_letter_topic.clone());
-        let broker = EmbeddedBroker::start(&topics, config.source.embedded_partitions.get() as i32)?;
+        let broker =
+            EmbeddedBroker::start(&topics, config.source.embedded_partitions.get() as i32)?;
         tracing::warn!(
             bootstrap = broker.bootstrap_servers(),
             topics = ?topics,
@@ -85,10 +89,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     } else {
         None
     };
-    let bootstrap = embedded.as_ref().map_or_else(|| config.source.brokers.join(","), |b| b.bootstrap_servers().to_owned());
+    let bootstrap = embedded.as_ref().map_or_else(
+        || config.source.brokers.join(","),
+        |b| b.bootstrap_servers().to_owned(),
+    );
 
     let store_path = config.store.path.clone();
-    let opts = StoreOptions { dedup_window: config.store.dedup_window, sync_writes: config.store.sync_writes };
+    let opts = StoreOptions {
+        dedup_window: config.store.dedup_window,
+        sync_writes: config.store.sync_writes,
+    };
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, opts))
         .await
         .map_err(|e| AppError::Task(e.to_string()))??;
@@ -103,11 +113,26 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     let kafka = kafka_config(&config.source, &bootstrap);
     let dead_letters = DeadLetters::new(&kafka, &config.source.dead_letter_topic)?;
     let health = Arc::new(Health::default());
-    let source = Source::new(&config.source, &bootstrap, store.clone(), registry.clone(), dead_letters.clone(), health.clone())?;
-    let (admin_addr, admin_serve) =
-        admin::bind(config.admin.listen, prom, health.clone(), store.clone(), shutdown.clone())
-            .await
-            .map_err(|source| AppError::Admin { addr: config.admin.listen, source })?;
+    let source = Source::new(
+        &config.source,
+        &bootstrap,
+        store.clone(),
+        registry.clone(),
+        dead_letters.clone(),
+        health.clone(),
+    )?;
+    let (admin_addr, admin_serve) = admin::bind(
+        config.admin.listen,
+        prom,
+        health.clone(),
+        store.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| AppError::Admin {
+        addr: config.admin.listen,
+        source,
+    })?;
 
     let deliverer = Arc::new(Deliverer {
         store: store.clone(),
@@ -135,11 +160,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         shutdown.cancelled().await;
         health.stopping.store(true, Ordering::Release);
         tracing::info!(grace = ?grace, "shutting down: no new fetches; finishing attempts under way");
-        let consumer = source_task.await.map_err(|e| AppError::Task(e.to_string()))?;
+        let consumer = source_task
+            .await
+            .map_err(|e| AppError::Task(e.to_string()))?;
         workers.wait().await;
         let _ = scheduler.await;
         deliverer.attempts.close();
-        if tokio::time::timeout(grace, deliverer.attempts.wait()).await.is_err() {
+        if tokio::time::timeout(grace, deliverer.attempts.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 abandoned = deliverer.attempts.len(),
                 "grace period over: abandoning attempts; they stay in the outbox and resume at the next start"
@@ -151,7 +181,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         drop(deliverer);
         store.close().await;
         drop(store);
-        let closed = tokio::time::timeout(CONSUMER_CLOSE_TIMEOUT, tokio::task::spawn_blocking(move || drop(consumer))).await;
+        let closed = tokio::time::timeout(
+            CONSUMER_CLOSE_TIMEOUT,
+            tokio::task::spawn_blocking(move || drop(consumer)),
+        )
+        .await;
         if closed.is_err() {
             tracing::warn!("the Kafka consumer did not close in time; leaving it");
         }
@@ -160,5 +194,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         tracing::info!("webhookd stopped");
         Ok(())
     });
-    Ok(Started { admin_addr, bootstrap, main })
+    Ok(Started {
+        admin_addr,
+        bootstrap,
+        main,
+    })
 }

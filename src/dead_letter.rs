@@ -73,7 +73,10 @@ impl DeadLetters {
             .set("linger.ms", "5")
             .set("message.timeout.ms", "60000")
             .create()?;
-        Ok(DeadLetters { producer, topic: topic.to_owned() })
+        Ok(DeadLetters {
+            producer,
+            topic: topic.to_owned(),
+        })
     }
 
     pub fn topic(&self) -> &str {
@@ -82,8 +85,14 @@ impl DeadLetters {
 
     /// Produces one dead letter and waits for the broker's acknowledgement.
     pub async fn send(&self, key: &str, reason: &str, record: &[u8]) -> Result<(), KafkaError> {
-        let headers = OwnedHeaders::new().insert(Header { key: "webhookd-reason", value: Some(reason) });
-        let rec = FutureRecord::to(&self.topic).key(key).payload(record).headers(headers);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "webhookd-reason",
+            value: Some(reason),
+        });
+        let rec = FutureRecord::to(&self.topic)
+            .key(key)
+            .payload(record)
+            .headers(headers);
         match self.producer.send(rec, Duration::from_secs(5)).await {
             Ok(_) => {
                 metrics::counter!(m::DEAD_LETTERS, "reason" => reason.to_owned()).increment(1);
@@ -117,7 +126,12 @@ fn source(pos: &SourcePos) -> Value {
 }
 
 /// The record for a message that could not be decoded.
-pub fn invalid_record(pos: &SourcePos, value: Option<&[u8]>, err: &InvalidEvent, now_ms: i64) -> Vec<u8> {
+pub fn invalid_record(
+    pos: &SourcePos,
+    value: Option<&[u8]>,
+    err: &InvalidEvent,
+    now_ms: i64,
+) -> Vec<u8> {
     json!({
         "reason": err.reason(),
         "detail": err.to_string(),
@@ -167,7 +181,9 @@ pub fn delivery_record(d: &Delivery, failure: DeliveryFailure, now_ms: i64) -> V
         first_attempt_at: rfc3339(d.first_attempt_ms),
         last_attempt_at: rfc3339(d.last_attempt_ms),
         dead_lettered_at: rfc3339(now_ms),
-        event_base64: event.is_none().then(|| base64::engine::general_purpose::STANDARD.encode(&d.payload)),
+        event_base64: event
+            .is_none()
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&d.payload)),
         event,
     };
     serde_json::to_vec(&letter).expect("a dead letter always serialises")

@@ -8,7 +8,11 @@ use tokio_util::sync::CancellationToken;
 use webhookd::config::Config;
 
 #[derive(Parser)]
-#[command(name = "webhookd", version, about = "Kafka events in, signed webhook deliveries out")]
+#[command(
+    name = "webhookd",
+    version,
+    about = "Kafka events in, signed webhook deliveries out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,12 +22,22 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Run {
-        #[arg(long, short, env = "WEBHOOKD_CONFIG", default_value = "config/webhookd.toml")]
+        #[arg(
+            long,
+            short,
+            env = "WEBHOOKD_CONFIG",
+            default_value = "config/webhookd.toml"
+        )]
         config: PathBuf,
     },
     /// Validate the configuration (file plus WEBHOOKD_* overrides) and exit.
     Check {
-        #[arg(long, short, env = "WEBHOOKD_CONFIG", default_value = "config/webhookd.toml")]
+        #[arg(
+            long,
+            short,
+            env = "WEBHOOKD_CONFIG",
+            default_value = "config/webhookd.toml"
+        )]
         config: PathBuf,
     },
     /// Run the daemon on the embedded broker with a demo receiver and producer.
@@ -39,7 +53,7 @@ enum Command {
 /// Exit code for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("webhookd: {}: {e}", path.display());
         ExitCode::from(EXIT_CONFIG)
@@ -52,7 +66,11 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             return match load(config) {
                 Ok(c) => {
-                    let brokers = if c.source.brokers.is_empty() { "embedded".to_owned() } else { c.source.brokers.join(",") };
+                    let brokers = if c.source.brokers.is_empty() {
+                        "embedded".to_owned()
+                    } else {
+                        c.source.brokers.join(",")
+                    };
                     println!(
                         "{}: OK ({} endpoint{}, topics {:?}, brokers {brokers})",
                         config.display(),
@@ -73,7 +91,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     webhookd::telemetry::init_logs(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("webhookd: cannot start the async runtime: {e}");
@@ -85,7 +106,9 @@ fn main() -> ExitCode {
         tokio::spawn(on_signal(shutdown.clone()));
         match demo_events {
             Some(n) => webhookd::demo::run(config, n, shutdown).await,
-            None => webhookd::app::run(config, shutdown).await.map_err(anyhow::Error::from),
+            None => webhookd::app::run(config, shutdown)
+                .await
+                .map_err(anyhow::Error::from),
         }
     });
     match result {

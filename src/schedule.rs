@@ -50,7 +50,9 @@ pub async fn run(store: Store, shutdown: CancellationToken) {
             }
             continue;
         }
-        let wait = next.map_or(IDLE, |at| Duration::from_millis((at - now).clamp(0, IDLE.as_millis() as i64) as u64));
+        let wait = next.map_or(IDLE, |at| {
+            Duration::from_millis((at - now).clamp(0, IDLE.as_millis() as i64) as u64)
+        });
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = store.wakeups().scheduler().notified() => {}

@@ -54,24 +54,36 @@ pub struct AttemptRequest<'a> {
 
 pub async fn attempt(client: &HttpClient, a: AttemptRequest<'_>) -> Result<Response, AttemptError> {
     let now = SystemTime::now();
-    let ts = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let ts = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let mut req = Request::post(a.url.as_str())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE))
         .header("webhook-id", a.webhook_id)
         .header("webhook-timestamp", ts)
-        .header("webhook-signature", sign::signature_header(a.secrets, a.webhook_id, ts, &a.body));
+        .header(
+            "webhook-signature",
+            sign::signature_header(a.secrets, a.webhook_id, ts, &a.body),
+        );
     if a.legacy_hmac_header
         && let Some(first) = a.secrets.first()
     {
         req = req.header("x-hmac-signature", sign::legacy_signature(first, &a.body));
     }
-    let req = req.body(Full::new(a.body)).map_err(|e| AttemptError::Refused(format!("bad request: {e}")))?;
+    let req = req
+        .body(Full::new(a.body))
+        .map_err(|e| AttemptError::Refused(format!("bad request: {e}")))?;
     let max = a.max_response_bytes;
     let exchange = async move {
         let resp = client.request(req).await.map_err(|e| {
             let detail = error_chain(&e);
-            if e.is_connect() { AttemptError::Connect(detail) } else { AttemptError::Io(detail) }
+            if e.is_connect() {
+                AttemptError::Connect(detail)
+            } else {
+                AttemptError::Io(detail)
+            }
         })?;
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -86,12 +98,22 @@ pub async fn attempt(client: &HttpClient, a: AttemptRequest<'_>) -> Result<Respo
             match body.frame().await {
                 None => break,
                 Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
-                Some(Err(e)) => return Err(AttemptError::Io(format!("reading response body: {}", error_chain(&e)))),
+                Some(Err(e)) => {
+                    return Err(AttemptError::Io(format!(
+                        "reading response body: {}",
+                        error_chain(&e)
+                    )));
+                }
             }
         }
-        Ok(Response { status, retry_after })
+        Ok(Response {
+            status,
+            retry_after,
+        })
     };
-    tokio::time::timeout(a.budget, exchange).await.unwrap_or(Err(AttemptError::Timeout(a.budget)))
+    tokio::time::timeout(a.budget, exchange)
+        .await
+        .unwrap_or(Err(AttemptError::Timeout(a.budget)))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

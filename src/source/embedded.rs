@@ -49,7 +49,11 @@ impl EmbeddedBroker {
         let bootstrap = ready_rx
             .recv()
             .map_err(|_| KafkaError::ClientCreation("embedded broker thread died".into()))??;
-        Ok(EmbeddedBroker { bootstrap, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(EmbeddedBroker {
+            bootstrap,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
     }
 
     pub fn bootstrap_servers(&self) -> &str {

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -44,7 +46,8 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// librdkafka settings shared by the consumer and the dead-letter producer.
 pub fn kafka_config(cfg: &SourceConfig, bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap).set("client.id", "webhookd");
+    c.set("bootstrap.servers", bootstrap)
+        .set("client.id", "webhookd");
     for (k, v) in &cfg.kafka {
         c.set(k, v);
     }
@@ -70,11 +73,16 @@ fn tp_list(items: &[(Tp, i64)]) -> TopicPartitionList {
 impl ClientContext for ConsumerCtx {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", fac, "{log_message}")
             }
             RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", fac, "{log_message}")
+            }
             RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
         }
     }
@@ -99,7 +107,11 @@ impl ConsumerContext for ConsumerCtx {
                     })
                     .collect()
             };
-            tracing::info!(partitions = tpl.count(), commits = commit.len(), "partitions revoked");
+            tracing::info!(
+                partitions = tpl.count(),
+                commits = commit.len(),
+                "partitions revoked"
+            );
             if !commit.is_empty() {
                 let result = consumer.commit(&tp_list(&commit), CommitMode::Sync);
                 record_commit(&result);
@@ -169,17 +181,35 @@ impl Source {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
-            .create_with_context(ConsumerCtx { offsets: offsets.clone() })?;
+            .set(
+                "session.timeout.ms",
+                cfg.session_timeout.as_millis().to_string(),
+            )
+            .create_with_context(ConsumerCtx {
+                offsets: offsets.clone(),
+            })?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        Ok(Source { consumer: Arc::new(consumer), offsets, store, registry, dead_letters, cfg: cfg.clone(), health })
+        Ok(Source {
+            consumer: Arc::new(consumer),
+            offsets,
+            store,
+            registry,
+            dead_letters,
+            cfg: cfg.clone(),
+            health,
+        })
     }
 
     /// Consumes until `shutdown`, then drains and commits what is settled.
     /// Returns the consumer so the caller can close it under a timeout.
     pub async fn run(self, shutdown: CancellationToken) -> Arc<KafkaConsumer> {
-        let probe = tokio::spawn(probe(self.consumer.clone(), self.cfg.topics[0].clone(), self.health.clone(), shutdown.clone()));
+        let probe = tokio::spawn(probe(
+            self.consumer.clone(),
+            self.cfg.topics[0].clone(),
+            self.health.clone(),
+            shutdown.clone(),
+        ));
         let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
         let tasks = TaskTracker::new();
         let mut batch: Vec<(Event, u64)> = Vec::with_capacity(self.cfg.batch_max.get());
@@ -211,12 +241,20 @@ impl Source {
         }
         self.flush(&mut batch, &slots, &tasks, &shutdown).await;
         tasks.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait()).await.is_err() {
-            tracing::warn!("some messages were not settled at shutdown; they will be consumed again");
+        if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some messages were not settled at shutdown; they will be consumed again"
+            );
         }
         self.commit(CommitMode::Sync);
         let _ = probe.await;
-        tracing::info!(unsettled = lock(&self.offsets).unsettled(), "source stopped");
+        tracing::info!(
+            unsettled = lock(&self.offsets).unsettled(),
+            "source stopped"
+        );
         self.consumer
     }
 
@@ -240,7 +278,13 @@ impl Source {
     }
 
     /// Decodes one message into the batch, or dead-letters it.
-    fn take(&self, msg: &BorrowedMessage<'_>, batch: &mut Vec<(Event, u64)>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+    fn take(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        batch: &mut Vec<(Event, u64)>,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
         metrics::counter!(m::EVENTS_CONSUMED).increment(1);
         let tp = (msg.topic().to_owned(), msg.partition());
         let generation = lock(&self.offsets).received(&tp, msg.offset());
@@ -248,12 +292,30 @@ impl Source {
             .headers()
             .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
             .unwrap_or_default();
-        let source = SourcePos { topic: tp.0.clone(), partition: tp.1, offset: msg.offset() };
-        let raw = RawMessage { value: msg.payload(), headers, kafka_time_ms: msg.timestamp().to_millis(), source };
-        match event::decode(raw, &self.cfg.envelope, self.cfg.max_event_bytes.get(), now_ms()) {
+        let source = SourcePos {
+            topic: tp.0.clone(),
+            partition: tp.1,
+            offset: msg.offset(),
+        };
+        let raw = RawMessage {
+            value: msg.payload(),
+            headers,
+            kafka_time_ms: msg.timestamp().to_millis(),
+            source,
+        };
+        match event::decode(
+            raw,
+            &self.cfg.envelope,
+            self.cfg.max_event_bytes.get(),
+            now_ms(),
+        ) {
             Ok(ev) => batch.push((ev, generation)),
             Err(invalid) => {
-                let pos = SourcePos { topic: tp.0.clone(), partition: tp.1, offset: msg.offset() };
+                let pos = SourcePos {
+                    topic: tp.0.clone(),
+                    partition: tp.1,
+                    offset: msg.offset(),
+                };
                 metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason()).increment(1);
                 tracing::warn!(topic = %pos.topic, partition = pos.partition, offset = pos.offset,
                     reason = invalid.reason(), detail = %invalid, "invalid event: dead-lettering it");
@@ -261,8 +323,15 @@ impl Source {
                 let key = msg
                     .key()
                     .and_then(|k| std::str::from_utf8(k).ok())
-                    .map_or_else(|| format!("{}/{}/{}", pos.topic, pos.partition, pos.offset), str::to_owned);
-                let (dlq, offsets, shutdown) = (self.dead_letters.clone(), self.offsets.clone(), shutdown.clone());
+                    .map_or_else(
+                        || format!("{}/{}/{}", pos.topic, pos.partition, pos.offset),
+                        str::to_owned,
+                    );
+                let (dlq, offsets, shutdown) = (
+                    self.dead_letters.clone(),
+                    self.offsets.clone(),
+                    shutdown.clone(),
+                );
                 tasks.spawn(async move {
                     loop {
                         match dlq.send(&key, invalid.reason(), &record).await {
@@ -284,11 +353,21 @@ impl Source {
     }
 
     /// Routes the batch and writes it to the store in the background.
-    async fn flush(&self, batch: &mut Vec<(Event, u64)>, slots: &Arc<Semaphore>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+    async fn flush(
+        &self,
+        batch: &mut Vec<(Event, u64)>,
+        slots: &Arc<Semaphore>,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
         if batch.is_empty() {
             return;
         }
-        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let table = self.registry.snapshot();
         let mut settle = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
@@ -312,11 +391,19 @@ impl Source {
                     payload: ev.payload.clone(),
                 })
                 .collect();
-            settle.push(((ev.source.topic, ev.source.partition), generation, ev.source.offset));
-            events.push(NewEvent { event_id: ev.id, deliveries });
+            settle.push((
+                (ev.source.topic, ev.source.partition),
+                generation,
+                ev.source.offset,
+            ));
+            events.push(NewEvent {
+                event_id: ev.id,
+                deliveries,
+            });
         }
         let events = Arc::new(events);
-        let (store, offsets, shutdown) = (self.store.clone(), self.offsets.clone(), shutdown.clone());
+        let (store, offsets, shutdown) =
+            (self.store.clone(), self.offsets.clone(), shutdown.clone());
         tasks.spawn(async move {
             let _permit = permit;
             loop {
@@ -345,13 +432,20 @@ impl Source {
 }
 
 /// Keeps `health.kafka` true while the cluster answers metadata requests.
-async fn probe(consumer: Arc<KafkaConsumer>, topic: String, health: Arc<Health>, shutdown: CancellationToken) {
+async fn probe(
+    consumer: Arc<KafkaConsumer>,
+    topic: String,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
     loop {
         let c = consumer.clone();
         let t = topic.clone();
-        let ok = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), Duration::from_secs(3)).is_ok())
-            .await
-            .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(3)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
         if health.kafka.swap(ok, std::sync::atomic::Ordering::AcqRel) != ok {
             if ok {
                 tracing::info!("Kafka reachable");

@@ -36,7 +36,13 @@ impl Offsets {
     /// Starts tracking a newly assigned partition.
     pub fn assign(&mut self, tp: Tp) {
         self.generations += 1;
-        self.parts.insert(tp, Part { generation: self.generations, ..Part::default() });
+        self.parts.insert(
+            tp,
+            Part {
+                generation: self.generations,
+                ..Part::default()
+            },
+        );
     }
 
     /// Stops tracking a revoked partition; returns the offset to commit for it
@@ -59,7 +65,11 @@ impl Offsets {
 
     /// Marks a message settled (ignored if its partition changed hands since).
     pub fn settled(&mut self, tp: &Tp, generation: u64, offset: i64) {
-        if let Some(part) = self.parts.get_mut(tp).filter(|p| p.generation == generation) {
+        if let Some(part) = self
+            .parts
+            .get_mut(tp)
+            .filter(|p| p.generation == generation)
+        {
             part.pending.remove(&offset);
         }
     }
@@ -68,7 +78,11 @@ impl Offsets {
     pub fn to_commit(&self) -> Vec<(Tp, i64)> {
         self.parts
             .iter()
-            .filter_map(|(tp, p)| p.committable().filter(|c| Some(*c) != p.committed).map(|c| (tp.clone(), c)))
+            .filter_map(|(tp, p)| {
+                p.committable()
+                    .filter(|c| Some(*c) != p.committed)
+                    .map(|c| (tp.clone(), c))
+            })
             .collect()
     }
 
@@ -96,7 +110,10 @@ mod tests {
     #[test]
     fn commits_stop_at_the_lowest_unsettled_offset() {
         let mut o = Offsets::default();
-        let g = (10..15).map(|off| o.received(&tp(), off)).last().expect("received");
+        let g = (10..15)
+            .map(|off| o.received(&tp(), off))
+            .last()
+            .expect("received");
         assert_eq!(o.to_commit(), vec![(tp(), 10)]);
         o.settled(&tp(), g, 11);
         o.settled(&tp(), g, 12);
@@ -105,7 +122,11 @@ mod tests {
         assert_eq!(o.to_commit(), vec![(tp(), 13)]);
         o.settled(&tp(), g, 14);
         o.settled(&tp(), g, 13);
-        assert_eq!(o.to_commit(), vec![(tp(), 15)], "all settled: one past the highest");
+        assert_eq!(
+            o.to_commit(),
+            vec![(tp(), 15)],
+            "all settled: one past the highest"
+        );
         o.committed(&tp(), 15);
         assert!(o.to_commit().is_empty(), "nothing new to commit");
         assert_eq!(o.unsettled(), 0);
@@ -121,7 +142,11 @@ mod tests {
         let new = o.received(&tp(), 5);
         assert_ne!(old, new);
         o.settled(&tp(), old, 5);
-        assert_eq!(o.to_commit(), vec![(tp(), 5)], "the old generation's settlement must not count");
+        assert_eq!(
+            o.to_commit(),
+            vec![(tp(), 5)],
+            "the old generation's settlement must not count"
+        );
         o.settled(&tp(), new, 5);
         assert_eq!(o.to_commit(), vec![(tp(), 6)]);
     }

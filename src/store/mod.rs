@@ -37,7 +37,14 @@ pub(crate) const CF_WAITING: &str = "waiting";
 pub(crate) const CF_DEAD: &str = "dead";
 pub(crate) const CF_ENDPOINTS: &str = "endpoints";
 pub(crate) const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [CF_DEDUP, CF_READY, CF_WAITING, CF_DEAD, CF_ENDPOINTS, CF_META];
+const ALL_CFS: [&str; 6] = [
+    CF_DEDUP,
+    CF_READY,
+    CF_WAITING,
+    CF_DEAD,
+    CF_ENDPOINTS,
+    CF_META,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -68,6 +75,10 @@ pub enum Intake {
 
 /// What becomes of a ready delivery after an attempt.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "built once per attempt and moved straight to the writer"
+)]
 pub enum Next {
     /// Delivered: forget it.
     Done,
@@ -109,7 +120,12 @@ impl Wakeups {
         &self.scheduler
     }
     fn wake_endpoint(&self, id: &str) {
-        if let Some(n) = self.endpoints.read().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(n) = self
+            .endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
             n.notify_one();
         }
     }
@@ -142,7 +158,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.db.path()).finish()
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -175,11 +193,21 @@ impl Store {
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
         let depth = Arc::new(Depth::default());
         depth.ready.store(count(&db, CF_READY)?, Ordering::Relaxed);
-        depth.waiting.store(count(&db, CF_WAITING)?, Ordering::Relaxed);
+        depth
+            .waiting
+            .store(count(&db, CF_WAITING)?, Ordering::Relaxed);
         let wake = Arc::new(Wakeups::default());
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(1024);
-        let writer = Writer::new(db.clone(), rx, wake.clone(), depth.clone(), healthy.clone(), opts.sync_writes, window_ms)?;
+        let writer = Writer::new(
+            db.clone(),
+            rx,
+            wake.clone(),
+            depth.clone(),
+            healthy.clone(),
+            opts.sync_writes,
+            window_ms,
+        )?;
         let handle = std::thread::Builder::new()
             .name("webhookd-store".into())
             .spawn(move || writer.run())
@@ -209,9 +237,15 @@ impl Store {
         self.db.path()
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -223,7 +257,12 @@ impl Store {
 
     /// Settles a ready delivery after an attempt.
     pub async fn finish(&self, ready_key: Vec<u8>, next: Next) -> Result<(), StoreError> {
-        self.call(|reply| Op::Finish { ready_key, next, reply }).await
+        self.call(|reply| Op::Finish {
+            ready_key,
+            next,
+            reply,
+        })
+        .await
     }
 
     /// Moves due retries back to their endpoints' ready queues.
@@ -232,9 +271,14 @@ impl Store {
     }
 
     /// Persists an endpoint's disabled state (`None` re-enables it).
-    pub async fn set_endpoint_disabled(&self, id: &str, state: Option<serde_json::Value>) -> Result<(), StoreError> {
+    pub async fn set_endpoint_disabled(
+        &self,
+        id: &str,
+        state: Option<serde_json::Value>,
+    ) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.call(|reply| Op::EndpointState { id, state, reply }).await
+        self.call(|reply| Op::EndpointState { id, state, reply })
+            .await
     }
 
     async fn read<T: Send + 'static>(
@@ -242,11 +286,18 @@ impl Store {
         f: impl FnOnce(&DB) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await.map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Up to `limit` ready deliveries of one endpoint with a sequence number above `after`.
-    pub async fn load_ready(&self, endpoint: &str, after: Option<u64>, limit: usize) -> Result<Vec<ReadyItem>, StoreError> {
+    pub async fn load_ready(
+        &self,
+        endpoint: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ReadyItem>, StoreError> {
         let endpoint = endpoint.to_owned();
         self.read(move |db| {
             let cf = cf(db, CF_READY);
@@ -257,10 +308,21 @@ impl Store {
             ro.set_iterate_lower_bound(start.clone());
             ro.set_iterate_upper_bound(end);
             let mut out = Vec::new();
-            for kv in db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)).take(limit) {
+            for kv in db
+                .iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward))
+                .take(limit)
+            {
                 let (k, v) = kv?;
-                let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().map_err(|_| CorruptRecord("ready key"))?);
-                out.push(ReadyItem { seq, key: k.to_vec(), delivery: Delivery::decode(&v)? });
+                let seq = u64::from_be_bytes(
+                    k[k.len() - 8..]
+                        .try_into()
+                        .map_err(|_| CorruptRecord("ready key"))?,
+                );
+                out.push(ReadyItem {
+                    seq,
+                    key: k.to_vec(),
+                    delivery: Delivery::decode(&v)?,
+                });
             }
             Ok(out)
         })
@@ -269,7 +331,12 @@ impl Store {
 
     /// Retries due at or before `now_ms` (up to `limit`), and the due time of
     /// the next one after them. `from_ms` skips the already-promoted range.
-    pub async fn due(&self, now_ms: i64, from_ms: i64, limit: usize) -> Result<(Vec<DueItem>, Option<i64>), StoreError> {
+    pub async fn due(
+        &self,
+        now_ms: i64,
+        from_ms: i64,
+        limit: usize,
+    ) -> Result<(Vec<DueItem>, Option<i64>), StoreError> {
         self.read(move |db| {
             let cf = cf(db, CF_WAITING);
             let start = (from_ms.max(0) as u64).to_be_bytes().to_vec();
@@ -278,11 +345,18 @@ impl Store {
             let mut out = Vec::new();
             for kv in db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
                 let (k, v) = kv?;
-                let due = i64::from_be_bytes(k[..8].try_into().map_err(|_| CorruptRecord("waiting key"))?);
+                let due = i64::from_be_bytes(
+                    k[..8]
+                        .try_into()
+                        .map_err(|_| CorruptRecord("waiting key"))?,
+                );
                 if due > now_ms || out.len() >= limit {
                     return Ok((out, Some(due)));
                 }
-                out.push(DueItem { key: k.to_vec(), delivery: Delivery::decode(&v)? });
+                out.push(DueItem {
+                    key: k.to_vec(),
+                    delivery: Delivery::decode(&v)?,
+                });
             }
             Ok((out, None))
         })
@@ -290,12 +364,15 @@ impl Store {
     }
 
     /// Disabled endpoints and their recorded state.
-    pub async fn disabled_endpoints(&self) -> Result<HashMap<String, serde_json::Value>, StoreError> {
+    pub async fn disabled_endpoints(
+        &self,
+    ) -> Result<HashMap<String, serde_json::Value>, StoreError> {
         self.read(|db| {
             let mut out = HashMap::new();
             for kv in db.iterator_cf(cf(db, CF_ENDPOINTS), IteratorMode::Start) {
                 let (k, v) = kv?;
-                let state = serde_json::from_slice(&v).map_err(|_| CorruptRecord("endpoint state"))?;
+                let state =
+                    serde_json::from_slice(&v).map_err(|_| CorruptRecord("endpoint state"))?;
                 out.insert(String::from_utf8_lossy(&k).into_owned(), state);
             }
             Ok(out)
@@ -307,7 +384,10 @@ impl Store {
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<serde_json::Value>, StoreError> {
         self.read(move |db| {
             let mut out = Vec::new();
-            for kv in db.iterator_cf(cf(db, CF_DEAD), IteratorMode::Start).take(limit) {
+            for kv in db
+                .iterator_cf(cf(db, CF_DEAD), IteratorMode::Start)
+                .take(limit)
+            {
                 let (_, v) = kv?;
                 out.push(serde_json::from_slice(&v).map_err(|_| CorruptRecord("dead letter"))?);
             }
@@ -320,8 +400,12 @@ impl Store {
     pub async fn seen(&self, event_id: &str) -> Result<bool, StoreError> {
         let id = event_id.to_owned();
         let window = self.dedup_window_ms;
-        self.read(move |db| Ok(db.get_cf(cf(db, CF_DEDUP), id)?.is_some_and(|v| !expired(&v, window, now_ms()))))
-            .await
+        self.read(move |db| {
+            Ok(db
+                .get_cf(cf(db, CF_DEDUP), id)?
+                .is_some_and(|v| !expired(&v, window, now_ms())))
+        })
+        .await
     }
 
     /// Stops the writer after it has applied everything queued before this call.
@@ -335,7 +419,8 @@ impl Store {
 }
 
 pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
-    db.cf_handle(name).expect("column families are created at open")
+    db.cf_handle(name)
+        .expect("column families are created at open")
 }
 
 pub(crate) fn ready_key(endpoint: &str, seq: u64) -> Vec<u8> {

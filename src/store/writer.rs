@@ -9,8 +9,8 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, Depth, DueItem, Intake, NewEvent, Next,
-    StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
+    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, Depth, DueItem, Intake,
+    NewEvent, Next, StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
 };
 use crate::telemetry::metrics as m;
 
@@ -19,12 +19,32 @@ const MAX_GROUP: usize = 512;
 const META_SEQ: &[u8] = b"seq";
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+/// Sends an operation's answer once its group's write has succeeded or failed.
+type Answer = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "each op is moved once through the channel; boxing would allocate per op"
+)]
 pub(super) enum Op {
-    Intake { events: Arc<Vec<NewEvent>>, reply: Reply<Vec<Intake>> },
-    Finish { ready_key: Vec<u8>, next: Next, reply: Reply<()> },
-    Promote { due: Vec<DueItem>, reply: Reply<()> },
-    EndpointState { id: String, state: Option<serde_json::Value>, reply: Reply<()> },
+    Intake {
+        events: Arc<Vec<NewEvent>>,
+        reply: Reply<Vec<Intake>>,
+    },
+    Finish {
+        ready_key: Vec<u8>,
+        next: Next,
+        reply: Reply<()>,
+    },
+    Promote {
+        due: Vec<DueItem>,
+        reply: Reply<()>,
+    },
+    EndpointState {
+        id: String,
+        state: Option<serde_json::Value>,
+        reply: Reply<()>,
+    },
     Close,
 }
 
@@ -44,7 +64,7 @@ pub(super) struct Writer {
 struct Group {
     batch: WriteBatch,
     sync: bool,
-    replies: Vec<Box<dyn FnOnce(Result<(), &StoreError>) + Send>>,
+    replies: Vec<Answer>,
     wake_endpoints: HashSet<String>,
     wake_scheduler: bool,
     ready_delta: i64,
@@ -66,13 +86,24 @@ impl Writer {
             Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8])) + 1,
             None => 1,
         };
-        Ok(Writer { db, rx, wake, depth, healthy, sync_writes, dedup_window_ms, next_seq })
+        Ok(Writer {
+            db,
+            rx,
+            wake,
+            depth,
+            healthy,
+            sync_writes,
+            dedup_window_ms,
+            next_seq,
+        })
     }
 
     pub(super) fn run(mut self) {
         let mut closing = false;
         while !closing {
-            let Some(first) = self.rx.blocking_recv() else { break };
+            let Some(first) = self.rx.blocking_recv() else {
+                break;
+            };
             let mut ops = vec![first];
             while ops.len() < MAX_GROUP {
                 match self.rx.try_recv() {
@@ -92,7 +123,11 @@ impl Writer {
                 continue;
             }
             if self.next_seq != seq_before {
-                g.batch.put_cf(cf(&self.db, CF_META), META_SEQ, (self.next_seq - 1).to_be_bytes());
+                g.batch.put_cf(
+                    cf(&self.db, CF_META),
+                    META_SEQ,
+                    (self.next_seq - 1).to_be_bytes(),
+                );
             }
             let mut wo = WriteOptions::default();
             wo.set_sync(g.sync);
@@ -100,8 +135,13 @@ impl Writer {
             match &result {
                 Ok(()) => {
                     self.healthy.store(true, Ordering::Release);
-                    let ready = self.depth.ready.fetch_add(g.ready_delta, Ordering::AcqRel) + g.ready_delta;
-                    let waiting = self.depth.waiting.fetch_add(g.waiting_delta, Ordering::AcqRel) + g.waiting_delta;
+                    let ready =
+                        self.depth.ready.fetch_add(g.ready_delta, Ordering::AcqRel) + g.ready_delta;
+                    let waiting = self
+                        .depth
+                        .waiting
+                        .fetch_add(g.waiting_delta, Ordering::AcqRel)
+                        + g.waiting_delta;
                     metrics::gauge!(m::OUTBOX_READY).set(ready as f64);
                     metrics::gauge!(m::OUTBOX_WAITING).set(waiting as f64);
                 }
@@ -142,14 +182,19 @@ impl Writer {
                     let _ = reply.send(Err(e));
                 }
             },
-            Op::Finish { ready_key, next, reply } => {
+            Op::Finish {
+                ready_key,
+                next,
+                reply,
+            } => {
                 g.batch.delete_cf(cf(&self.db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
                 match next {
                     Next::Done => {}
                     Next::Wait { due_ms, delivery } => {
                         let key = seq_key(due_ms.max(now_ms()), self.seq());
-                        g.batch.put_cf(cf(&self.db, CF_WAITING), key, delivery.encode());
+                        g.batch
+                            .put_cf(cf(&self.db, CF_WAITING), key, delivery.encode());
                         g.waiting_delta += 1;
                         g.wake_scheduler = true;
                     }
@@ -165,7 +210,8 @@ impl Writer {
                     g.batch.delete_cf(cf(&self.db, CF_WAITING), &item.key);
                     g.waiting_delta -= 1;
                     let key = ready_key(&item.delivery.endpoint_id, self.seq());
-                    g.batch.put_cf(cf(&self.db, CF_READY), key, item.delivery.encode());
+                    g.batch
+                        .put_cf(cf(&self.db, CF_READY), key, item.delivery.encode());
                     g.ready_delta += 1;
                     g.wake_endpoints.insert(item.delivery.endpoint_id);
                 }
@@ -184,7 +230,11 @@ impl Writer {
         }
     }
 
-    fn intake(&mut self, events: Arc<Vec<NewEvent>>, g: &mut Group) -> Result<Vec<Intake>, StoreError> {
+    fn intake(
+        &mut self,
+        events: Arc<Vec<NewEvent>>,
+        g: &mut Group,
+    ) -> Result<Vec<Intake>, StoreError> {
         let db = self.db.clone();
         let dedup = cf(&db, CF_DEDUP);
         let found = db.multi_get_cf(events.iter().map(|e| (dedup, e.event_id.as_bytes())));
@@ -196,11 +246,15 @@ impl Writer {
                 Some(v) => !expired(&v, self.dedup_window_ms, now),
                 None => false,
             };
-            if seen || g.dedup_added.contains(&event.event_id) || pending.insert(&event.event_id, ()).is_some() {
+            if seen
+                || g.dedup_added.contains(&event.event_id)
+                || pending.insert(&event.event_id, ()).is_some()
+            {
                 results.push(Intake::Duplicate);
                 continue;
             }
-            g.batch.put_cf(dedup, event.event_id.as_bytes(), now.to_be_bytes());
+            g.batch
+                .put_cf(dedup, event.event_id.as_bytes(), now.to_be_bytes());
             for d in &event.deliveries {
                 let key = ready_key(&d.endpoint_id, self.seq());
                 g.batch.put_cf(cf(&db, CF_READY), key, d.encode());
@@ -215,7 +269,7 @@ impl Writer {
     }
 }
 
-fn simple(reply: Reply<()>) -> Box<dyn FnOnce(Result<(), &StoreError>) + Send> {
+fn simple(reply: Reply<()>) -> Answer {
     Box::new(move |r| {
         let _ = reply.send(r.map_err(clone_err));
     })

@@ -59,15 +59,25 @@ pub async fn bind(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { prom, health, store });
+        .with_state(AdminState {
+            prom,
+            health,
+            store,
+        });
     let serve = async move {
-        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
     };
     Ok((local, serve))
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.prom.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.prom.render(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
@@ -77,6 +87,10 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         "ready": ready,
         "checks": checks.iter().map(|(k, ok)| (k.to_string(), serde_json::Value::Bool(*ok))).collect::<serde_json::Map<_, _>>(),
     });
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, axum::Json(body)).into_response()
 }
