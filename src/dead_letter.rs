@@ -20,6 +20,19 @@ use crate::event::{InvalidEvent, SourcePos};
 use crate::store::Delivery;
 use crate::telemetry::metrics as m;
 
+/// Largest event embedded whole in a dead letter. Kafka's default message
+/// limit is about 1 MB, and a dead letter that can never be produced would hold
+/// its partition (or delivery) forever; beyond this, the dead letter carries the
+/// first [`TRUNCATED_PREFIX`] bytes, `event_truncated: true` and the event's
+/// size, and the event itself stays at `source` on the source topic.
+pub const MAX_EMBEDDED_EVENT: usize = 512 * 1024;
+/// How much of an oversize event a dead letter keeps.
+pub const TRUNCATED_PREFIX: usize = 64 * 1024;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// Why a delivery was given up. Also the `reason` label of dead-letter metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryFailure {
@@ -132,15 +145,22 @@ pub fn invalid_record(
     err: &InvalidEvent,
     now_ms: i64,
 ) -> Vec<u8> {
-    json!({
+    let mut v = json!({
         "reason": err.reason(),
         "detail": err.to_string(),
         "source": source(pos),
         "dead_lettered_at": rfc3339(now_ms),
-        "event_base64": value.map(|v| base64::engine::general_purpose::STANDARD.encode(v)),
-    })
-    .to_string()
-    .into_bytes()
+        "event_bytes": value.map_or(0, <[u8]>::len),
+    });
+    match value {
+        Some(bytes) if bytes.len() > MAX_EMBEDDED_EVENT => {
+            v["event_base64"] = b64(&bytes[..TRUNCATED_PREFIX]).into();
+            v["event_truncated"] = true.into();
+        }
+        Some(bytes) => v["event_base64"] = b64(bytes).into(),
+        None => v["event_base64"] = Value::Null,
+    }
+    v.to_string().into_bytes()
 }
 
 #[derive(serde::Serialize)]
@@ -161,12 +181,17 @@ struct DeliveryLetter<'a> {
     event: Option<Box<serde_json::value::RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     event_base64: Option<String>,
+    event_bytes: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    event_truncated: bool,
 }
 
 /// The record for a delivery that was given up.
 pub fn delivery_record(d: &Delivery, failure: DeliveryFailure, now_ms: i64) -> Vec<u8> {
+    let truncated = d.payload.len() > MAX_EMBEDDED_EVENT;
     let event = std::str::from_utf8(&d.payload)
         .ok()
+        .filter(|_| !truncated)
         .and_then(|s| serde_json::value::RawValue::from_string(s.to_owned()).ok());
     let letter = DeliveryLetter {
         reason: failure.as_str(),
@@ -181,10 +206,97 @@ pub fn delivery_record(d: &Delivery, failure: DeliveryFailure, now_ms: i64) -> V
         first_attempt_at: rfc3339(d.first_attempt_ms),
         last_attempt_at: rfc3339(d.last_attempt_ms),
         dead_lettered_at: rfc3339(now_ms),
-        event_base64: event
-            .is_none()
-            .then(|| base64::engine::general_purpose::STANDARD.encode(&d.payload)),
+        event_base64: event.is_none().then(|| {
+            let keep = if truncated {
+                TRUNCATED_PREFIX
+            } else {
+                d.payload.len()
+            };
+            b64(&d.payload[..keep])
+        }),
         event,
+        event_bytes: d.payload.len(),
+        event_truncated: truncated,
     };
     serde_json::to_vec(&letter).expect("a dead letter always serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos() -> SourcePos {
+        SourcePos {
+            topic: "t".into(),
+            partition: 1,
+            offset: 9,
+        }
+    }
+
+    #[test]
+    fn oversize_events_are_truncated_so_the_dead_letter_fits_in_kafka() {
+        let huge = vec![b'x'; 10 * 1024 * 1024];
+        let err = InvalidEvent::TooLarge {
+            size: huge.len(),
+            limit: 1024,
+        };
+        let rec = invalid_record(&pos(), Some(&huge), &err, 0);
+        assert!(rec.len() < 200 * 1024, "{} bytes", rec.len());
+        let v: Value = serde_json::from_slice(&rec).expect("json");
+        assert_eq!(
+            (v["event_truncated"].as_bool(), v["event_bytes"].as_u64()),
+            (Some(true), Some(10 * 1024 * 1024))
+        );
+        assert_eq!(v["reason"], "too_large");
+
+        let small = invalid_record(
+            &pos(),
+            Some(b"{ nope"),
+            &InvalidEvent::InvalidJson("x".into()),
+            0,
+        );
+        let v: Value = serde_json::from_slice(&small).expect("json");
+        assert_eq!(v["event_base64"], b64(b"{ nope"));
+        assert!(v.get("event_truncated").is_none());
+    }
+
+    #[test]
+    fn delivery_records_embed_the_event_untouched_unless_oversize() {
+        let mut d = crate::store::Delivery {
+            webhook_id: "msg_1".into(),
+            endpoint_id: "a".into(),
+            event_id: "e".into(),
+            event_type: "T".into(),
+            event_time_ms: 0,
+            source: pos(),
+            attempts: 3,
+            first_attempt_ms: 1_700_000_000_000,
+            last_attempt_ms: 1_700_000_001_000,
+            last_status: 503,
+            last_error: String::new(),
+            dead_letter_reason: None,
+            payload: bytes::Bytes::from_static(br#"{"id":"e","n":1.250}"#),
+        };
+        let v: Value = serde_json::from_slice(&delivery_record(&d, DeliveryFailure::Exhausted, 0))
+            .expect("json");
+        assert_eq!(v["reason"], "exhausted");
+        assert_eq!(v["last_status"], 503);
+        assert!(v["last_error"].is_null());
+        assert_eq!(v["first_attempt_at"], "2023-11-14T22:13:20Z");
+        let raw =
+            String::from_utf8(delivery_record(&d, DeliveryFailure::Exhausted, 0)).expect("utf8");
+        assert!(
+            raw.contains(r#""event":{"id":"e","n":1.250}"#),
+            "embedded byte for byte: {raw}"
+        );
+        d.payload = bytes::Bytes::from(vec![b' '; MAX_EMBEDDED_EVENT + 1]);
+        let v: Value = serde_json::from_slice(&delivery_record(&d, DeliveryFailure::Rejected, 0))
+            .expect("json");
+        assert_eq!(v["event_truncated"], true);
+        assert!(v.get("event").is_none());
+        assert_eq!(
+            v["event_base64"].as_str().map(str::len),
+            Some(TRUNCATED_PREFIX / 3 * 4 + 4)
+        );
+    }
 }

@@ -477,7 +477,11 @@ mod tests {
             event_id: event.into(),
             event_type: "T".into(),
             event_time_ms: 0,
-            source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
+            source: SourcePos {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+            },
             attempts: 0,
             first_attempt_ms: 0,
             last_attempt_ms: 0,
@@ -489,25 +493,65 @@ mod tests {
     }
 
     fn new_event(id: &str, endpoints: &[&str]) -> NewEvent {
-        NewEvent { event_id: id.into(), deliveries: endpoints.iter().map(|e| delivery(id, e)).collect() }
+        NewEvent {
+            event_id: id.into(),
+            deliveries: endpoints.iter().map(|e| delivery(id, e)).collect(),
+        }
     }
 
     fn open(dir: &Path, window: Duration) -> Store {
-        Store::open(dir, StoreOptions { dedup_window: window, sync_writes: true }).expect("open")
+        Store::open(
+            dir,
+            StoreOptions {
+                dedup_window: window,
+                sync_writes: true,
+            },
+        )
+        .expect("open")
     }
 
     #[tokio::test]
     async fn intake_dedups_within_a_batch_and_across_batches() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(3600));
-        let r = s.intake(Arc::new(vec![new_event("e1", &["a", "b"]), new_event("e1", &["a"]), new_event("e2", &[])])).await;
-        assert_eq!(r.expect("intake"), vec![Intake::Accepted(2), Intake::Duplicate, Intake::Accepted(0)]);
-        let r = s.intake(Arc::new(vec![new_event("e2", &["a"]), new_event("e3", &["a"])])).await;
-        assert_eq!(r.expect("intake"), vec![Intake::Duplicate, Intake::Accepted(1)]);
+        let r = s
+            .intake(Arc::new(vec![
+                new_event("e1", &["a", "b"]),
+                new_event("e1", &["a"]),
+                new_event("e2", &[]),
+            ]))
+            .await;
+        assert_eq!(
+            r.expect("intake"),
+            vec![Intake::Accepted(2), Intake::Duplicate, Intake::Accepted(0)]
+        );
+        let r = s
+            .intake(Arc::new(vec![
+                new_event("e2", &["a"]),
+                new_event("e3", &["a"]),
+            ]))
+            .await;
+        assert_eq!(
+            r.expect("intake"),
+            vec![Intake::Duplicate, Intake::Accepted(1)]
+        );
         assert_eq!(s.depth().ready.load(Ordering::Relaxed), 3);
         let a = s.load_ready("a", None, 10).await.expect("load");
-        assert_eq!(a.iter().map(|i| i.delivery.event_id.as_str()).collect::<Vec<_>>(), ["e1", "e3"], "FIFO per endpoint");
-        assert_eq!(s.load_ready("a", Some(a[0].seq), 10).await.expect("load").len(), 1, "the cursor skips what was loaded");
+        assert_eq!(
+            a.iter()
+                .map(|i| i.delivery.event_id.as_str())
+                .collect::<Vec<_>>(),
+            ["e1", "e3"],
+            "FIFO per endpoint"
+        );
+        assert_eq!(
+            s.load_ready("a", Some(a[0].seq), 10)
+                .await
+                .expect("load")
+                .len(),
+            1,
+            "the cursor skips what was loaded"
+        );
         s.close().await;
     }
 
@@ -515,21 +559,39 @@ mod tests {
     async fn expired_dedup_keys_are_ignored_and_compacted_away() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_millis(1));
-        s.intake(Arc::new(vec![new_event("old", &[])])).await.expect("intake");
+        s.intake(Arc::new(vec![new_event("old", &[])]))
+            .await
+            .expect("intake");
         // The window is the feature under test: real time has to pass it.
         std::thread::sleep(Duration::from_millis(5));
         assert!(!s.seen("old").await.expect("read"), "outside the window");
         s.db.compact_range_cf(cf(&s.db, CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
-        assert_eq!(s.db.get_cf(cf(&s.db, CF_DEDUP), "old").expect("get"), None, "the compaction filter dropped it");
-        let r = s.intake(Arc::new(vec![new_event("old", &["a"])])).await.expect("intake");
-        assert_eq!(r, vec![Intake::Accepted(1)], "an id outside the window is delivered again");
+        assert_eq!(
+            s.db.get_cf(cf(&s.db, CF_DEDUP), "old").expect("get"),
+            None,
+            "the compaction filter dropped it"
+        );
+        let r = s
+            .intake(Arc::new(vec![new_event("old", &["a"])]))
+            .await
+            .expect("intake");
+        assert_eq!(
+            r,
+            vec![Intake::Accepted(1)],
+            "an id outside the window is delivered again"
+        );
         s.close().await;
         drop(s);
 
         let s = open(dir.path(), Duration::from_secs(3600));
-        s.intake(Arc::new(vec![new_event("fresh", &[])])).await.expect("intake");
+        s.intake(Arc::new(vec![new_event("fresh", &[])]))
+            .await
+            .expect("intake");
         s.db.compact_range_cf(cf(&s.db, CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
-        assert!(s.seen("fresh").await.expect("read"), "inside the window it survives compaction");
+        assert!(
+            s.seen("fresh").await.expect("read"),
+            "inside the window it survives compaction"
+        );
         s.close().await;
     }
 
@@ -537,16 +599,43 @@ mod tests {
     async fn finish_reschedule_promote_and_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(3600));
-        s.intake(Arc::new(vec![new_event("e1", &["a"]), new_event("e2", &["a"]), new_event("e3", &["a"])]))
-            .await
-            .expect("intake");
+        s.intake(Arc::new(vec![
+            new_event("e1", &["a"]),
+            new_event("e2", &["a"]),
+            new_event("e3", &["a"]),
+        ]))
+        .await
+        .expect("intake");
         let items = s.load_ready("a", None, 10).await.expect("load");
         let mut d = items[1].delivery.clone();
         d.attempts = 1;
-        s.finish(items[0].key.clone(), Next::Done).await.expect("done");
-        s.finish(items[1].key.clone(), Next::Wait { due_ms: now_ms() - 10, delivery: d }).await.expect("wait");
-        s.finish(items[2].key.clone(), Next::Dead { record: b"{\"reason\":\"rejected\"}".to_vec() }).await.expect("dead");
-        assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (0, 1));
+        s.finish(items[0].key.clone(), Next::Done)
+            .await
+            .expect("done");
+        s.finish(
+            items[1].key.clone(),
+            Next::Wait {
+                due_ms: now_ms() - 10,
+                delivery: d,
+            },
+        )
+        .await
+        .expect("wait");
+        s.finish(
+            items[2].key.clone(),
+            Next::Dead {
+                record: b"{\"reason\":\"rejected\"}".to_vec(),
+            },
+        )
+        .await
+        .expect("dead");
+        assert_eq!(
+            (
+                s.depth().ready.load(Ordering::Relaxed),
+                s.depth().waiting.load(Ordering::Relaxed)
+            ),
+            (0, 1)
+        );
         assert_eq!(s.dead_letters(10).await.expect("dead").len(), 1);
         let last_seq = items[2].seq;
         s.close().await;
@@ -562,8 +651,17 @@ mod tests {
         let ready = s.load_ready("a", None, 10).await.expect("load");
         assert_eq!(ready.len(), 1);
         assert_eq!(ready[0].delivery.attempts, 1, "the retry keeps its history");
-        assert!(ready[0].seq > last_seq, "sequence numbers continue after a restart");
-        assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (1, 0));
+        assert!(
+            ready[0].seq > last_seq,
+            "sequence numbers continue after a restart"
+        );
+        assert_eq!(
+            (
+                s.depth().ready.load(Ordering::Relaxed),
+                s.depth().waiting.load(Ordering::Relaxed)
+            ),
+            (1, 0)
+        );
         s.close().await;
     }
 
@@ -571,11 +669,16 @@ mod tests {
     async fn endpoint_state_persists() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(60));
-        s.set_endpoint_disabled("a", Some(serde_json::json!({"reason": "gone"}))).await.expect("disable");
+        s.set_endpoint_disabled("a", Some(serde_json::json!({"reason": "gone"})))
+            .await
+            .expect("disable");
         s.close().await;
         drop(s);
         let s = open(dir.path(), Duration::from_secs(60));
-        assert_eq!(s.disabled_endpoints().await.expect("read")["a"]["reason"], "gone");
+        assert_eq!(
+            s.disabled_endpoints().await.expect("read")["a"]["reason"],
+            "gone"
+        );
         s.set_endpoint_disabled("a", None).await.expect("enable");
         assert!(s.disabled_endpoints().await.expect("read").is_empty());
         s.close().await;
