@@ -37,25 +37,14 @@ fn benches(c: &mut Criterion) {
                 value: Some(black_box(&body)),
                 headers: Vec::new(),
                 kafka_time_ms: Some(0),
-                source: SourcePos {
-                    topic: "t".into(),
-                    partition: 0,
-                    offset: 0,
-                },
+                source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
             };
             decode(raw, &env, 1 << 20, 0).expect("valid")
         })
     });
     let secrets = vec![SigningSecret::parse(SECRET).expect("secret")];
     g.bench_function("sign_1KiB", |b| {
-        b.iter(|| {
-            signature_header(
-                &secrets,
-                "msg_0123456789abcdef",
-                1_700_000_000,
-                black_box(&body),
-            )
-        })
+        b.iter(|| signature_header(&secrets, "msg_0123456789abcdef", 1_700_000_000, black_box(&body)))
     });
 
     let mut toml = String::new();

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::dead_letter::DeadLetters;
 use crate::deliver::{Deliverer, client};
-use crate::route::Registry;
+use crate::route::{Endpoint, Registry};
 use crate::schedule;
 use crate::source::embedded::EmbeddedBroker;
 use crate::source::{Source, kafka_config};
@@ -39,10 +39,7 @@ pub enum AppError {
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error("admin listener on {addr}: {source}")]
-    Admin {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Admin { addr: SocketAddr, source: std::io::Error },
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -74,8 +71,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     let embedded = if config.source.brokers.is_empty() {
         let mut topics = config.source.topics.clone();
         topics.push(config.source.dead_letter_topic.clone());
-        let broker =
-            EmbeddedBroker::start(&topics, config.source.embedded_partitions.get() as i32)?;
+        let broker = EmbeddedBroker::start(&topics, config.source.embedded_partitions.get() as i32)?;
         tracing::warn!(
             bootstrap = broker.bootstrap_servers(),
             topics = ?topics,
@@ -89,21 +85,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     } else {
         None
     };
-    let bootstrap = embedded.as_ref().map_or_else(
-        || config.source.brokers.join(","),
-        |b| b.bootstrap_servers().to_owned(),
-    );
+    let bootstrap =
+        embedded.as_ref().map_or_else(|| config.source.brokers.join(","), |b| b.bootstrap_servers().to_owned());
 
     let store_path = config.store.path.clone();
-    let opts = StoreOptions {
-        dedup_window: config.store.dedup_window,
-        sync_writes: config.store.sync_writes,
-    };
+    let opts = StoreOptions { dedup_window: config.store.dedup_window, sync_writes: config.store.sync_writes };
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, opts))
         .await
         .map_err(|e| AppError::Task(e.to_string()))??;
 
     let registry = Registry::from_configs(&config.endpoints);
+    // Known endpoints are registered before anything is written, so only
+    // deliveries for endpoints missing from the config are reported as orphans.
+    let orphans = store.wakeups().orphans();
+    for ep in registry.snapshot().all() {
+        store.wakeups().endpoint(ep.id());
+    }
     for (id, state) in store.disabled_endpoints().await? {
         if let Some(ep) = registry.get(&id) {
             ep.set_enabled(false);
@@ -111,28 +108,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         }
     }
     let kafka = kafka_config(&config.source, &bootstrap);
-    let dead_letters = DeadLetters::new(&kafka, &config.source.dead_letter_topic)?;
     let health = Arc::new(Health::default());
-    let source = Source::new(
-        &config.source,
-        &bootstrap,
-        store.clone(),
-        registry.clone(),
-        dead_letters.clone(),
-        health.clone(),
-    )?;
-    let (admin_addr, admin_serve) = admin::bind(
-        config.admin.listen,
-        prom,
-        health.clone(),
-        store.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|source| AppError::Admin {
-        addr: config.admin.listen,
-        source,
-    })?;
+    let dead_letters = DeadLetters::new(&kafka, &config.source.dead_letter_topic, health.clone())?;
+    let source =
+        Source::new(&config.source, &bootstrap, store.clone(), registry.clone(), dead_letters.clone(), health.clone())?;
+    let (admin_addr, admin_serve) =
+        admin::bind(config.admin.listen, prom, health.clone(), store.clone(), shutdown.clone())
+            .await
+            .map_err(|source| AppError::Admin { addr: config.admin.listen, source })?;
 
     let deliverer = Arc::new(Deliverer {
         store: store.clone(),
@@ -144,9 +127,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         abort: CancellationToken::new(),
     });
     let workers = TaskTracker::new();
-    for ep in registry.snapshot().all() {
+    let table = registry.snapshot();
+    for ep in table.all() {
         workers.spawn(deliverer.clone().run_endpoint(ep.clone(), shutdown.clone()));
     }
+    // Deliveries for endpoints no longer configured are dead-lettered, not left stuck.
+    for id in store.ready_endpoints().await? {
+        if table.get(&id).is_none() {
+            spawn_removed(&workers, &deliverer, &id, &shutdown);
+        }
+    }
+    workers.spawn(adopt_orphans(orphans, workers.clone(), deliverer.clone(), shutdown.clone()));
     workers.close();
     let scheduler = tokio::spawn(schedule::run(store.clone(), shutdown.clone()));
     let source_task = tokio::spawn(source.run(shutdown.clone()));
@@ -157,19 +148,32 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
 
     let grace = config.delivery.shutdown_grace;
     let main = tokio::spawn(async move {
-        shutdown.cancelled().await;
+        let mut source_task = source_task;
+        // The source only ends early if it failed: then everything stops, cleanly.
+        let early = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            ended = &mut source_task => Some(ended),
+        };
+        let failure = match &early {
+            Some(Err(e)) => Some(format!("the Kafka source failed: {e}")),
+            Some(Ok(_)) if !shutdown.is_cancelled() => Some("the Kafka source stopped unexpectedly".to_owned()),
+            _ => None,
+        };
+        if let Some(f) = &failure {
+            tracing::error!(error = %f, "shutting down");
+            shutdown.cancel();
+        }
         health.stopping.store(true, Ordering::Release);
         tracing::info!(grace = ?grace, "shutting down: no new fetches; finishing attempts under way");
-        let consumer = source_task
-            .await
-            .map_err(|e| AppError::Task(e.to_string()))?;
+        let consumer = match early {
+            Some(ended) => ended.ok(),
+            None => source_task.await.ok(),
+        };
         workers.wait().await;
         let _ = scheduler.await;
         deliverer.attempts.close();
-        if tokio::time::timeout(grace, deliverer.attempts.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, deliverer.attempts.wait()).await.is_err() {
             tracing::warn!(
                 abandoned = deliverer.attempts.len(),
                 "grace period over: abandoning attempts; they stay in the outbox and resume at the next start"
@@ -181,22 +185,55 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         drop(deliverer);
         store.close().await;
         drop(store);
-        let closed = tokio::time::timeout(
-            CONSUMER_CLOSE_TIMEOUT,
-            tokio::task::spawn_blocking(move || drop(consumer)),
-        )
-        .await;
-        if closed.is_err() {
-            tracing::warn!("the Kafka consumer did not close in time; leaving it");
+        if let Some(consumer) = consumer {
+            // On a plain thread: a close that hangs must not hold the runtime's shutdown.
+            let (done, closed) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                drop(consumer);
+                let _ = done.send(());
+            });
+            if tokio::time::timeout(CONSUMER_CLOSE_TIMEOUT, closed).await.is_err() {
+                tracing::warn!("the Kafka consumer did not close in time; leaving it");
+            }
         }
         let _ = admin_task.await;
         drop(embedded);
-        tracing::info!("webhookd stopped");
-        Ok(())
+        match failure {
+            Some(f) => Err(AppError::Task(f)),
+            None => {
+                tracing::info!("webhookd stopped");
+                Ok(())
+            }
+        }
     });
-    Ok(Started {
-        admin_addr,
-        bootstrap,
-        main,
-    })
+    Ok(Started { admin_addr, bootstrap, main })
+}
+
+fn spawn_removed(workers: &TaskTracker, deliverer: &Arc<Deliverer>, id: &str, shutdown: &CancellationToken) {
+    tracing::warn!(
+        endpoint = id,
+        "deliveries for an endpoint that is not configured: dead-lettering them (endpoint_removed)"
+    );
+    // Registered before the worker runs, so the store does not report it twice.
+    deliverer.store.wakeups().endpoint(id);
+    workers.spawn(deliverer.clone().run_endpoint(Arc::new(Endpoint::removed(id)), shutdown.clone()));
+}
+
+/// Starts a worker for each endpoint the store reports deliveries for but the
+/// config does not have (retries that come due after the endpoint was removed).
+async fn adopt_orphans(
+    mut orphans: tokio::sync::mpsc::UnboundedReceiver<String>,
+    workers: TaskTracker,
+    deliverer: Arc<Deliverer>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            id = orphans.recv() => match id {
+                Some(id) => spawn_removed(&workers, &deliverer, &id, &shutdown),
+                None => return,
+            },
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }

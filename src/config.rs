@@ -141,17 +141,13 @@ impl Config {
     /// Reads `path`, applies `WEBHOOKD_*` overrides from the process environment
     /// and validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            problems: vec![format!("{}: cannot read: {e}", path.display())],
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { problems: vec![format!("{}: cannot read: {e}", path.display())] })?;
         Self::from_toml_str(&text, std::env::vars())
     }
 
     /// Parses TOML text with the given environment (tests pass their own).
-    pub fn from_toml_str(
-        text: &str,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
+    pub fn from_toml_str(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
         let mut table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
             problems: vec![format!("TOML syntax: {}", e.to_string().trim())],
         })?;
@@ -161,10 +157,7 @@ impl Config {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            if ENV_NOT_OVERRIDES.contains(&name.as_str())
-                || name.starts_with(ENV_TEST_PREFIX)
-                || rest.is_empty()
-            {
+            if ENV_NOT_OVERRIDES.contains(&name.as_str()) || name.starts_with(ENV_TEST_PREFIX) || rest.is_empty() {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -175,22 +168,10 @@ impl Config {
                 Err(e) => problems.push(format!("{name}: {e}")),
             }
         }
-        let mut r = Reader {
-            root: &table,
-            seen: BTreeSet::new(),
-            free_form: Vec::new(),
-            problems,
-            from_env,
-        };
+        let mut r = Reader { root: &table, seen: BTreeSet::new(), free_form: Vec::new(), problems, from_env };
         let config = Config::read(&mut r);
         r.unknown_keys();
-        if r.problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError {
-                problems: r.problems,
-            })
-        }
+        if r.problems.is_empty() { Ok(config) } else { Err(ConfigError { problems: r.problems }) }
     }
 
     fn read(r: &mut Reader) -> Config {
@@ -202,12 +183,9 @@ impl Config {
             max_event_bytes: r.get("source.max_event_bytes", nz_usize(1024 * 1024)),
             batch_max: r.get("source.batch_max", nz_usize(512)),
             batch_linger: r.duration("source.batch_linger", Duration::from_millis(5)),
-            commit_interval: r.duration("source.commit_interval", Duration::from_secs(1)),
-            session_timeout: r.duration("source.session_timeout", Duration::from_secs(10)),
-            embedded_partitions: r.get(
-                "source.embedded_partitions",
-                NonZeroU32::MIN.saturating_add(3),
-            ),
+            commit_interval: r.positive_duration("source.commit_interval", Duration::from_secs(1)),
+            session_timeout: r.positive_duration("source.session_timeout", Duration::from_secs(10)),
+            embedded_partitions: r.get("source.embedded_partitions", NonZeroU32::MIN.saturating_add(3)),
             envelope: EnvelopeConfig {
                 id_field: r.non_empty("source.envelope.id_field", "id"),
                 type_field: r.non_empty("source.envelope.type_field", "type"),
@@ -223,64 +201,43 @@ impl Config {
             r.problem("source.topics", "at least one topic is required");
         }
         if source.topics.contains(&source.dead_letter_topic) {
-            r.problem(
-                "source.dead_letter_topic",
-                "must not be one of source.topics",
-            );
+            r.problem("source.dead_letter_topic", "must not be one of source.topics");
         }
         let store = StoreConfig {
             path: r.get("store.path", PathBuf::from("./data")),
-            dedup_window: r.duration("store.dedup_window", Duration::from_secs(7 * 24 * 3600)),
+            dedup_window: r.positive_duration("store.dedup_window", Duration::from_secs(7 * 24 * 3600)),
             sync_writes: r.get("store.sync_writes", true),
         };
         let delivery = DeliveryConfig {
-            attempt_timeout: r.duration("delivery.attempt_timeout", Duration::from_secs(5)),
+            attempt_timeout: r.positive_duration("delivery.attempt_timeout", Duration::from_secs(5)),
             max_response_bytes: r.get("delivery.max_response_bytes", 64 * 1024),
             shutdown_grace: r.duration("delivery.shutdown_grace", Duration::from_secs(10)),
-            pool_idle_timeout: r.duration("delivery.pool_idle_timeout", Duration::from_secs(90)),
+            pool_idle_timeout: r.positive_duration("delivery.pool_idle_timeout", Duration::from_secs(90)),
             pool_max_idle_per_host: r.get("delivery.pool_max_idle_per_host", 64),
             max_in_flight: r.get("delivery.max_in_flight", nz_usize(16)),
         };
         let retry = Self::read_retry(r);
-        let admin = AdminConfig {
-            listen: r.get("admin.listen", SocketAddr::from(([127, 0, 0, 1], 9090))),
-        };
+        let admin = AdminConfig { listen: r.get("admin.listen", SocketAddr::from(([127, 0, 0, 1], 9090))) };
         let log = LogConfig {
             level: r.non_empty("log.level", "info"),
             format: match r.non_empty("log.format", "text").as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
                 other => {
-                    r.problem(
-                        "log.format",
-                        &format!("expected \"text\" or \"json\", found {other:?}"),
-                    );
+                    r.problem("log.format", &format!("expected \"text\" or \"json\", found {other:?}"));
                     LogFormat::Text
                 }
             },
         };
         let count = r.array_len("endpoints");
-        let endpoints = (0..count)
-            .map(|i| Self::read_endpoint(r, i, &delivery))
-            .collect::<Vec<_>>();
+        let endpoints = (0..count).map(|i| Self::read_endpoint(r, i, &delivery)).collect::<Vec<_>>();
         let mut ids = HashSet::new();
         for (i, e) in endpoints.iter().enumerate() {
             if !e.id.is_empty() && !ids.insert(e.id.clone()) {
-                r.problem(
-                    &format!("endpoints.{i}.id"),
-                    &format!("duplicate endpoint id {:?}", e.id),
-                );
+                r.problem(&format!("endpoints.{i}.id"), &format!("duplicate endpoint id {:?}", e.id));
             }
         }
-        Config {
-            source,
-            store,
-            delivery,
-            retry,
-            admin,
-            log,
-            endpoints,
-        }
+        Config { source, store, delivery, retry, admin, log, endpoints }
     }
 
     fn read_retry(r: &mut Reader) -> RetryPolicy {
@@ -291,12 +248,10 @@ impl Config {
         let max_attempts = r.get("retry.max_attempts", d.max_attempts());
         let max_age = r.duration("retry.max_age", d.max_age());
         let retry_after_cap = r.duration("retry.retry_after_cap", d.retry_after_cap());
-        RetryPolicy::new(base, factor, cap, max_attempts, max_age, retry_after_cap).unwrap_or_else(
-            |(key, msg)| {
-                r.problem(&format!("retry.{key}"), &msg);
-                d
-            },
-        )
+        RetryPolicy::new(base, factor, cap, max_attempts, max_age, retry_after_cap).unwrap_or_else(|(key, msg)| {
+            r.problem(&format!("retry.{key}"), &msg);
+            d
+        })
     }
 
     fn read_endpoint(r: &mut Reader, i: usize, delivery: &DeliveryConfig) -> EndpointConfig {
@@ -312,10 +267,7 @@ impl Config {
             Url::parse("http://invalid.invalid/").expect("static URL parses")
         });
         if !matches!(url.scheme(), "http" | "https") {
-            r.problem(
-                &p("url"),
-                &format!("scheme must be http or https, found {:?}", url.scheme()),
-            );
+            r.problem(&p("url"), &format!("scheme must be http or https, found {:?}", url.scheme()));
         }
         let event_types = r
             .list(&p("event_types"), &["*"])
@@ -340,27 +292,18 @@ impl Config {
             })
             .collect::<Vec<_>>();
         if secrets.is_empty() && r.problems_for(&p("secrets")) == 0 {
-            r.problem(
-                &p("secrets"),
-                "at least one signing secret (whsec_…) is required",
-            );
+            r.problem(&p("secrets"), "at least one signing secret (whsec_…) is required");
         }
-        let per_second = r.get(
-            &p("rate_limit.per_second"),
-            NonZeroU32::MIN.saturating_add(99),
-        );
+        let per_second = r.get(&p("rate_limit.per_second"), NonZeroU32::MIN.saturating_add(99));
         EndpointConfig {
             url,
             enabled: r.get(&p("enabled"), true),
             event_types,
             location_ids: r.list(&p("location_ids"), &[]),
             secrets,
-            rate_limit: RateLimit {
-                per_second,
-                burst: r.get(&p("rate_limit.burst"), per_second),
-            },
+            rate_limit: RateLimit { per_second, burst: r.get(&p("rate_limit.burst"), per_second) },
             max_in_flight: r.get(&p("max_in_flight"), delivery.max_in_flight),
-            attempt_timeout: r.duration(&p("attempt_timeout"), delivery.attempt_timeout),
+            attempt_timeout: r.positive_duration(&p("attempt_timeout"), delivery.attempt_timeout),
             legacy_hmac_header: r.get(&p("legacy_hmac_header"), false),
             id,
         }
@@ -370,10 +313,7 @@ impl Config {
 /// Endpoint ids appear in storage keys, metric labels and URLs of the
 /// management API, so they are kept to a safe alphabet.
 pub fn valid_endpoint_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn nz_usize(n: usize) -> NonZeroUsize {
@@ -412,20 +352,13 @@ impl Reader<'_> {
 
     fn problem(&mut self, path: &str, msg: &str) {
         let shown = display_path(&path.split('.').map(str::to_owned).collect::<Vec<_>>());
-        let origin = self
-            .from_env
-            .get(&shown)
-            .map(|v| format!(" (set by {v})"))
-            .unwrap_or_default();
+        let origin = self.from_env.get(&shown).map(|v| format!(" (set by {v})")).unwrap_or_default();
         self.problems.push(format!("{shown}{origin}: {msg}"));
     }
 
     fn problems_for(&self, path: &str) -> usize {
         let shown = display_path(&path.split('.').map(str::to_owned).collect::<Vec<_>>());
-        self.problems
-            .iter()
-            .filter(|p| p.starts_with(&shown))
-            .count()
+        self.problems.iter().filter(|p| p.starts_with(&shown)).count()
     }
 
     fn get<T: DeserializeOwned>(&mut self, path: &str, default: T) -> T {
@@ -436,10 +369,7 @@ impl Reader<'_> {
         match T::deserialize(v.clone()) {
             Ok(t) => t,
             Err(e) => {
-                self.problem(
-                    path,
-                    &format!("{} (found {})", e.to_string().trim(), short(&v)),
-                );
+                self.problem(path, &format!("{} (found {})", e.to_string().trim(), short(&v)));
                 default
             }
         }
@@ -453,25 +383,25 @@ impl Reader<'_> {
         s
     }
 
+    fn positive_duration(&mut self, path: &str, default: Duration) -> Duration {
+        let d = self.duration(path, default);
+        if d.is_zero() {
+            self.problem(path, "must be greater than zero");
+            return default;
+        }
+        d
+    }
+
     fn duration(&mut self, path: &str, default: Duration) -> Duration {
         self.seen.insert(path.to_owned());
         match self.lookup(path).cloned() {
             None => default,
             Some(Value::String(s)) => humantime::parse_duration(&s).unwrap_or_else(|e| {
-                self.problem(
-                    path,
-                    &format!("not a duration ({e}); write e.g. \"250ms\", \"5s\", \"7d\""),
-                );
+                self.problem(path, &format!("not a duration ({e}); write e.g. \"250ms\", \"5s\", \"7d\""));
                 default
             }),
             Some(v) => {
-                self.problem(
-                    path,
-                    &format!(
-                        "expected a duration string such as \"5s\", found {}",
-                        short(&v)
-                    ),
-                );
+                self.problem(path, &format!("expected a duration string such as \"5s\", found {}", short(&v)));
                 default
             }
         }
@@ -482,12 +412,7 @@ impl Reader<'_> {
         self.seen.insert(path.to_owned());
         match self.lookup(path).cloned() {
             None => default.iter().map(|s| s.to_string()).collect(),
-            Some(Value::String(s)) => s
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect(),
+            Some(Value::String(s)) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
             Some(Value::Array(items)) => items
                 .iter()
                 .filter_map(|v| match v {
@@ -499,10 +424,7 @@ impl Reader<'_> {
                 })
                 .collect(),
             Some(v) => {
-                self.problem(
-                    path,
-                    &format!("expected a list of strings, found {}", short(&v)),
-                );
+                self.problem(path, &format!("expected a list of strings, found {}", short(&v)));
                 Vec::new()
             }
         }
@@ -515,10 +437,7 @@ impl Reader<'_> {
             Some(Value::Array(a)) => a.len(),
             Some(v) => {
                 let found = short(v);
-                self.problem(
-                    path,
-                    &format!("expected an array of tables ([[{path}]]), found {found}"),
-                );
+                self.problem(path, &format!("expected an array of tables ([[{path}]]), found {found}"));
                 0
             }
         }
@@ -544,11 +463,7 @@ impl Reader<'_> {
 /// Calls `f` with the dotted path of every leaf (and every empty table).
 fn walk(table: &Table, prefix: String, f: &mut dyn FnMut(String)) {
     for (k, v) in table {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
         match v {
             Value::Table(t) if !t.is_empty() => walk(t, path, f),
             Value::Array(a) if a.iter().all(Value::is_table) && !a.is_empty() => {
@@ -583,11 +498,7 @@ fn short(v: &Value) -> String {
         Value::String(s) => format!("{s:?}"),
         other => other.to_string(),
     };
-    if s.len() > 60 {
-        format!("{}…", &s[..s.floor_char_boundary(60)])
-    } else {
-        s
-    }
+    if s.len() > 60 { format!("{}…", &s[..s.floor_char_boundary(60)]) } else { s }
 }
 
 fn env_value(raw: &str) -> Value {
@@ -605,13 +516,9 @@ fn set_path(table: &mut Table, path: &[String], value: Value) -> Result<(), Stri
         return Ok(());
     }
     let is_index = rest[0].parse::<usize>().is_ok();
-    let child = table.entry(first.clone()).or_insert_with(|| {
-        if is_index {
-            Value::Array(Vec::new())
-        } else {
-            Value::Table(Table::new())
-        }
-    });
+    let child = table
+        .entry(first.clone())
+        .or_insert_with(|| if is_index { Value::Array(Vec::new()) } else { Value::Table(Table::new()) });
     set_in_value(child, rest, value)
 }
 
@@ -620,14 +527,9 @@ fn set_in_value(target: &mut Value, path: &[String], value: Value) -> Result<(),
         Value::Table(t) => set_path(t, path, value),
         Value::Array(items) => {
             let (first, rest) = path.split_first().ok_or("empty key")?;
-            let i: usize = first
-                .parse()
-                .map_err(|_| format!("{first:?} is not an array index"))?;
+            let i: usize = first.parse().map_err(|_| format!("{first:?} is not an array index"))?;
             if i > items.len() {
-                return Err(format!(
-                    "index {i} skips entries (the array has {})",
-                    items.len()
-                ));
+                return Err(format!("index {i} skips entries (the array has {})", items.len()));
             }
             if i == items.len() {
                 items.push(Value::Table(Table::new()));
@@ -650,24 +552,15 @@ mod tests {
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn the_documented_default_config_is_the_default() {
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/webhookd.toml"))
-                .expect("file");
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/webhookd.toml")).expect("file");
         let documented = Config::from_toml_str(&text, Vec::new()).expect("valid");
         let empty = Config::from_toml_str("", Vec::new()).expect("valid");
-        assert_eq!(
-            format!("{documented:?}"),
-            format!("{empty:?}"),
-            "config/webhookd.toml must show the defaults"
-        );
+        assert_eq!(format!("{documented:?}"), format!("{empty:?}"), "config/webhookd.toml must show the defaults");
         // Every key a reader asks for is documented in the file.
         let mut r = Reader {
             root: &Table::new(),
@@ -678,10 +571,7 @@ mod tests {
         };
         let _ = Config::read(&mut r);
         let mut with_endpoint = Table::new();
-        with_endpoint.insert(
-            "endpoints".into(),
-            Value::Array(vec![Value::Table(Table::new())]),
-        );
+        with_endpoint.insert("endpoints".into(), Value::Array(vec![Value::Table(Table::new())]));
         let mut r2 = Reader {
             root: &with_endpoint,
             seen: BTreeSet::new(),
@@ -698,18 +588,13 @@ mod tests {
                     || l.starts_with(&format!("[{path}]"))
                     || l.starts_with(&format!("[[{path}]]"))
             });
-            assert!(
-                documented,
-                "{path} is not documented in config/webhookd.toml"
-            );
+            assert!(documented, "{path} is not documented in config/webhookd.toml");
         }
     }
 
     #[test]
     fn environment_overrides_reach_nested_keys_and_arrays() {
-        let toml = format!(
-            "[[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1:1/\"\nsecrets = [\"{SECRET}\"]\n"
-        );
+        let toml = format!("[[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1:1/\"\nsecrets = [\"{SECRET}\"]\n");
         let c = Config::from_toml_str(
             &toml,
             env(&[
@@ -727,11 +612,7 @@ mod tests {
         assert!(!c.store.sync_writes);
         assert_eq!(c.endpoints[0].url.as_str(), "https://hooks.example.com/x");
         assert_eq!(c.endpoints[0].rate_limit.per_second.get(), 7);
-        assert_eq!(
-            c.endpoints[0].rate_limit.burst.get(),
-            7,
-            "burst defaults to the rate"
-        );
+        assert_eq!(c.endpoints[0].rate_limit.burst.get(), 7, "burst defaults to the rate");
     }
 
     #[test]
@@ -739,8 +620,11 @@ mod tests {
         let toml = "[source]\ntopics = [\"t\"]\ndead_letter_topic = \"t\"\nsession_timeout = 5\n[log]\nformat = \"xml\"\n\
                     [[endpoints]]\nid = \"a\"\nurl = \"not a url\"\nsecrets = [\"whsec_c2hvcnQ=\"]\nevent_types = [\"*x\"]\n\
                     [[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1/\"\nsecrets = []\n";
-        let err = Config::from_toml_str(toml, env(&[("WEBHOOKD_DELIVERY__MAX_IN_FLIGHT", "0")]))
-            .expect_err("invalid");
+        let err = Config::from_toml_str(
+            toml,
+            env(&[("WEBHOOKD_DELIVERY__MAX_IN_FLIGHT", "0"), ("WEBHOOKD_SOURCE__COMMIT_INTERVAL", "0s")]),
+        )
+        .expect_err("invalid");
         let text = err.to_string();
         for needle in [
             "source.dead_letter_topic: must not be one of source.topics",
@@ -752,29 +636,21 @@ mod tests {
             "endpoints[1].id: duplicate endpoint id",
             "endpoints[1].secrets: at least one signing secret",
             "delivery.max_in_flight (set by WEBHOOKD_DELIVERY__MAX_IN_FLIGHT)",
+            "source.commit_interval (set by WEBHOOKD_SOURCE__COMMIT_INTERVAL): must be greater than zero",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }
-        assert_eq!(err.problems.len(), 9, "{text}");
+        assert_eq!(err.problems.len(), 10, "{text}");
     }
 
     #[test]
     fn syntax_errors_and_unknown_keys_are_named() {
-        assert!(
-            Config::from_toml_str("[source\n", Vec::new())
-                .expect_err("bad")
-                .to_string()
-                .contains("TOML syntax")
-        );
+        assert!(Config::from_toml_str("[source\n", Vec::new()).expect_err("bad").to_string().contains("TOML syntax"));
         let err = Config::from_toml_str(
             "[sorce]\nbrokers = []\n[source.kafka]\n\"security.protocol\" = \"SSL\"\n",
             Vec::new(),
         )
         .expect_err("unknown");
-        assert_eq!(
-            err.problems,
-            vec!["sorce.brokers: unknown key".to_owned()],
-            "librdkafka properties are free-form"
-        );
+        assert_eq!(err.problems, vec!["sorce.brokers: unknown key".to_owned()], "librdkafka properties are free-form");
     }
 }

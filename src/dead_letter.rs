@@ -5,6 +5,8 @@
 //! the original event (embedded as JSON when it was valid JSON, as base64
 //! otherwise). The same bytes go to the topic and to the local index.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine;
@@ -18,6 +20,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::event::{InvalidEvent, SourcePos};
 use crate::store::Delivery;
+use crate::telemetry::admin::Health;
 use crate::telemetry::metrics as m;
 
 /// Largest event embedded whole in a dead letter. Kafka's default message
@@ -44,6 +47,8 @@ pub enum DeliveryFailure {
     Exhausted,
     /// The endpoint is disabled.
     EndpointDisabled,
+    /// The endpoint is no longer in the configuration.
+    EndpointRemoved,
     /// The request was refused before sending (e.g. a forbidden destination).
     Refused,
 }
@@ -55,6 +60,7 @@ impl DeliveryFailure {
             DeliveryFailure::Gone => "gone",
             DeliveryFailure::Exhausted => "exhausted",
             DeliveryFailure::EndpointDisabled => "endpoint_disabled",
+            DeliveryFailure::EndpointRemoved => "endpoint_removed",
             DeliveryFailure::Refused => "refused",
         }
     }
@@ -64,6 +70,7 @@ impl DeliveryFailure {
             "gone" => DeliveryFailure::Gone,
             "exhausted" => DeliveryFailure::Exhausted,
             "endpoint_disabled" => DeliveryFailure::EndpointDisabled,
+            "endpoint_removed" => DeliveryFailure::EndpointRemoved,
             "refused" => DeliveryFailure::Refused,
             _ => DeliveryFailure::Rejected,
         }
@@ -75,10 +82,11 @@ impl DeliveryFailure {
 pub struct DeadLetters {
     producer: FutureProducer,
     topic: String,
+    health: Arc<Health>,
 }
 
 impl DeadLetters {
-    pub fn new(kafka: &ClientConfig, topic: &str) -> Result<Self, KafkaError> {
+    pub fn new(kafka: &ClientConfig, topic: &str, health: Arc<Health>) -> Result<Self, KafkaError> {
         let producer = kafka
             .clone()
             .set("enable.idempotence", "true")
@@ -86,10 +94,7 @@ impl DeadLetters {
             .set("linger.ms", "5")
             .set("message.timeout.ms", "60000")
             .create()?;
-        Ok(DeadLetters {
-            producer,
-            topic: topic.to_owned(),
-        })
+        Ok(DeadLetters { producer, topic: topic.to_owned(), health })
     }
 
     pub fn topic(&self) -> &str {
@@ -98,15 +103,18 @@ impl DeadLetters {
 
     /// Produces one dead letter and waits for the broker's acknowledgement.
     pub async fn send(&self, key: &str, reason: &str, record: &[u8]) -> Result<(), KafkaError> {
-        let headers = OwnedHeaders::new().insert(Header {
-            key: "webhookd-reason",
-            value: Some(reason),
-        });
-        let rec = FutureRecord::to(&self.topic)
-            .key(key)
-            .payload(record)
-            .headers(headers);
-        match self.producer.send(rec, Duration::from_secs(5)).await {
+        let headers = OwnedHeaders::new().insert(Header { key: "webhookd-reason", value: Some(reason) });
+        let rec = FutureRecord::to(&self.topic).key(key).payload(record).headers(headers);
+        let result = self.producer.send(rec, Duration::from_secs(5)).await;
+        let ok = result.is_ok();
+        if self.health.dead_letters.swap(ok, Ordering::AcqRel) != ok {
+            if ok {
+                tracing::info!(topic = %self.topic, "dead letters are being produced again");
+            } else {
+                tracing::error!(topic = %self.topic, "cannot produce dead letters: not ready");
+            }
+        }
+        match result {
             Ok(_) => {
                 metrics::counter!(m::DEAD_LETTERS, "reason" => reason.to_owned()).increment(1);
                 Ok(())
@@ -139,12 +147,7 @@ fn source(pos: &SourcePos) -> Value {
 }
 
 /// The record for a message that could not be decoded.
-pub fn invalid_record(
-    pos: &SourcePos,
-    value: Option<&[u8]>,
-    err: &InvalidEvent,
-    now_ms: i64,
-) -> Vec<u8> {
+pub fn invalid_record(pos: &SourcePos, value: Option<&[u8]>, err: &InvalidEvent, now_ms: i64) -> Vec<u8> {
     let mut v = json!({
         "reason": err.reason(),
         "detail": err.to_string(),
@@ -207,11 +210,7 @@ pub fn delivery_record(d: &Delivery, failure: DeliveryFailure, now_ms: i64) -> V
         last_attempt_at: rfc3339(d.last_attempt_ms),
         dead_lettered_at: rfc3339(now_ms),
         event_base64: event.is_none().then(|| {
-            let keep = if truncated {
-                TRUNCATED_PREFIX
-            } else {
-                d.payload.len()
-            };
+            let keep = if truncated { TRUNCATED_PREFIX } else { d.payload.len() };
             b64(&d.payload[..keep])
         }),
         event,
@@ -226,35 +225,20 @@ mod tests {
     use super::*;
 
     fn pos() -> SourcePos {
-        SourcePos {
-            topic: "t".into(),
-            partition: 1,
-            offset: 9,
-        }
+        SourcePos { topic: "t".into(), partition: 1, offset: 9 }
     }
 
     #[test]
     fn oversize_events_are_truncated_so_the_dead_letter_fits_in_kafka() {
         let huge = vec![b'x'; 10 * 1024 * 1024];
-        let err = InvalidEvent::TooLarge {
-            size: huge.len(),
-            limit: 1024,
-        };
+        let err = InvalidEvent::TooLarge { size: huge.len(), limit: 1024 };
         let rec = invalid_record(&pos(), Some(&huge), &err, 0);
         assert!(rec.len() < 200 * 1024, "{} bytes", rec.len());
         let v: Value = serde_json::from_slice(&rec).expect("json");
-        assert_eq!(
-            (v["event_truncated"].as_bool(), v["event_bytes"].as_u64()),
-            (Some(true), Some(10 * 1024 * 1024))
-        );
+        assert_eq!((v["event_truncated"].as_bool(), v["event_bytes"].as_u64()), (Some(true), Some(10 * 1024 * 1024)));
         assert_eq!(v["reason"], "too_large");
 
-        let small = invalid_record(
-            &pos(),
-            Some(b"{ nope"),
-            &InvalidEvent::InvalidJson("x".into()),
-            0,
-        );
+        let small = invalid_record(&pos(), Some(b"{ nope"), &InvalidEvent::InvalidJson("x".into()), 0);
         let v: Value = serde_json::from_slice(&small).expect("json");
         assert_eq!(v["event_base64"], b64(b"{ nope"));
         assert!(v.get("event_truncated").is_none());
@@ -277,26 +261,17 @@ mod tests {
             dead_letter_reason: None,
             payload: bytes::Bytes::from_static(br#"{"id":"e","n":1.250}"#),
         };
-        let v: Value = serde_json::from_slice(&delivery_record(&d, DeliveryFailure::Exhausted, 0))
-            .expect("json");
+        let v: Value = serde_json::from_slice(&delivery_record(&d, DeliveryFailure::Exhausted, 0)).expect("json");
         assert_eq!(v["reason"], "exhausted");
         assert_eq!(v["last_status"], 503);
         assert!(v["last_error"].is_null());
         assert_eq!(v["first_attempt_at"], "2023-11-14T22:13:20Z");
-        let raw =
-            String::from_utf8(delivery_record(&d, DeliveryFailure::Exhausted, 0)).expect("utf8");
-        assert!(
-            raw.contains(r#""event":{"id":"e","n":1.250}"#),
-            "embedded byte for byte: {raw}"
-        );
+        let raw = String::from_utf8(delivery_record(&d, DeliveryFailure::Exhausted, 0)).expect("utf8");
+        assert!(raw.contains(r#""event":{"id":"e","n":1.250}"#), "embedded byte for byte: {raw}");
         d.payload = bytes::Bytes::from(vec![b' '; MAX_EMBEDDED_EVENT + 1]);
-        let v: Value = serde_json::from_slice(&delivery_record(&d, DeliveryFailure::Rejected, 0))
-            .expect("json");
+        let v: Value = serde_json::from_slice(&delivery_record(&d, DeliveryFailure::Rejected, 0)).expect("json");
         assert_eq!(v["event_truncated"], true);
         assert!(v.get("event").is_none());
-        assert_eq!(
-            v["event_base64"].as_str().map(str::len),
-            Some(TRUNCATED_PREFIX / 3 * 4 + 4)
-        );
+        assert_eq!(v["event_base64"].as_str().map(str::len), Some(TRUNCATED_PREFIX / 3 * 4 + 4));
     }
 }

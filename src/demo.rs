@@ -57,16 +57,10 @@ struct Receiver {
 pub async fn run(config: Config, events: u32, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = receiver_addr(&config)?;
     let receiver = Arc::new(Receiver {
-        secrets: config
-            .endpoints
-            .iter()
-            .map(|e| (e.url.path().to_owned(), e.secrets.clone()))
-            .collect(),
+        secrets: config.endpoints.iter().map(|e| (e.url.path().to_owned(), e.secrets.clone())).collect(),
         ..Receiver::default()
     });
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("demo receiver on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("demo receiver on {addr}"))?;
     tokio::spawn(serve(listener, receiver, shutdown.clone()));
     let topic = config.source.topics[0].clone();
     let started = crate::app::start(config, shutdown.clone()).await?;
@@ -74,9 +68,7 @@ pub async fn run(config: Config, events: u32, shutdown: CancellationToken) -> an
         "\n  webhookd demo: broker {}  metrics http://{}/metrics  receiver http://{addr}\n",
         started.bootstrap, started.admin_addr
     );
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &started.bootstrap)
-        .create()?;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &started.bootstrap).create()?;
     let run_id = crate::store::now_ms();
     for i in 0..events {
         if shutdown.is_cancelled() {
@@ -92,12 +84,8 @@ pub async fn run(config: Config, events: u32, shutdown: CancellationToken) -> an
             })
             .to_string()
         };
-        if let Err((e, _)) = producer
-            .send(
-                FutureRecord::<(), _>::to(&topic).payload(&body),
-                Duration::from_secs(5),
-            )
-            .await
+        if let Err((e, _)) =
+            producer.send(FutureRecord::<(), _>::to(&topic).payload(&body), Duration::from_secs(5)).await
         {
             eprintln!("demo producer: {e}");
         }
@@ -116,25 +104,13 @@ pub async fn run(config: Config, events: u32, shutdown: CancellationToken) -> an
 }
 
 fn receiver_addr(config: &Config) -> anyhow::Result<SocketAddr> {
-    let url = &config
-        .endpoints
-        .first()
-        .context("the demo config needs endpoints")?
-        .url;
+    let url = &config.endpoints.first().context("the demo config needs endpoints")?.url;
     let host = url.host_str().context("endpoint URL has no host")?;
-    let port = url
-        .port_or_known_default()
-        .context("endpoint URL has no port")?;
-    format!("{host}:{port}")
-        .parse()
-        .context("the demo receiver needs an IP address in the endpoint URL")
+    let port = url.port_or_known_default().context("endpoint URL has no port")?;
+    format!("{host}:{port}").parse().context("the demo receiver needs an IP address in the endpoint URL")
 }
 
-async fn serve(
-    listener: tokio::net::TcpListener,
-    receiver: Arc<Receiver>,
-    shutdown: CancellationToken,
-) {
+async fn serve(listener: tokio::net::TcpListener, receiver: Arc<Receiver>, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             s = listener.accept() => match s { Ok((s, _)) => s, Err(_) => continue },
@@ -143,30 +119,15 @@ async fn serve(
         let receiver = receiver.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(receiver.clone(), req));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-async fn handle(
-    r: Arc<Receiver>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(r: Arc<Receiver>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = req.uri().path().to_owned();
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
-    let (id, ts, sig) = (
-        header("webhook-id"),
-        header("webhook-timestamp"),
-        header("webhook-signature"),
-    );
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let (id, ts, sig) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
     let body = req.into_body().collect().await?.to_bytes();
     let verified = match (r.secrets.get(&path), ts.parse::<i64>()) {
         (Some(secrets), Ok(ts)) => {
@@ -176,10 +137,7 @@ async fn handle(
         _ => false,
     };
     let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let n: u32 = event["id"]
-        .as_str()
-        .and_then(|s| s.rsplit('_').next()?.parse().ok())
-        .unwrap_or(0);
+    let n: u32 = event["id"].as_str().and_then(|s| s.rsplit('_').next()?.parse().ok()).unwrap_or(0);
     let attempt = {
         let mut seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
         let a = seen.entry(id.clone()).or_default();
@@ -199,8 +157,5 @@ async fn handle(
         if verified { "ok" } else { "BAD" },
         status.as_u16()
     );
-    Ok(Response::builder()
-        .status(status)
-        .body(Full::new(Bytes::new()))
-        .expect("static response"))
+    Ok(Response::builder().status(status).body(Full::new(Bytes::new())).expect("static response"))
 }

@@ -55,10 +55,7 @@ pub enum InvalidEvent {
     #[error("field {0:?} is empty")]
     EmptyField(String),
     #[error("field {field:?} must be {expected}")]
-    WrongType {
-        field: String,
-        expected: &'static str,
-    },
+    WrongType { field: String, expected: &'static str },
     #[error("field {0:?} appears more than once")]
     DuplicateField(String),
     #[error("field {field:?} is not an RFC 3339 timestamp: {detail}")]
@@ -89,29 +86,21 @@ impl InvalidEvent {
     }
 }
 
+/// A message's headers: name and value (absent when the header has none).
+pub type Headers<'a> = Vec<(&'a str, Option<&'a [u8]>)>;
+
 /// One raw Kafka message, as the decoder needs it.
 pub struct RawMessage<'a> {
     pub value: Option<&'a [u8]>,
-    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    pub headers: Headers<'a>,
     pub kafka_time_ms: Option<i64>,
     pub source: SourcePos,
 }
 
-pub fn decode(
-    msg: RawMessage<'_>,
-    cfg: &EnvelopeConfig,
-    max_bytes: usize,
-    now_ms: i64,
-) -> Result<Event, InvalidEvent> {
-    let value = msg
-        .value
-        .filter(|v| !v.is_empty())
-        .ok_or(InvalidEvent::Empty)?;
+pub fn decode(msg: RawMessage<'_>, cfg: &EnvelopeConfig, max_bytes: usize, now_ms: i64) -> Result<Event, InvalidEvent> {
+    let value = msg.value.filter(|v| !v.is_empty()).ok_or(InvalidEvent::Empty)?;
     if value.len() > max_bytes {
-        return Err(InvalidEvent::TooLarge {
-            size: value.len(),
-            limit: max_bytes,
-        });
+        return Err(InvalidEvent::TooLarge { size: value.len(), limit: max_bytes });
     }
     let text = std::str::from_utf8(value).map_err(|e| InvalidEvent::NotUtf8(e.to_string()))?;
     if !text.trim_start().starts_with('{') {
@@ -125,17 +114,14 @@ pub fn decode(
     }
     let fields = FieldsSeed { cfg };
     let mut de = serde_json::Deserializer::from_str(text);
-    let head = fields
-        .deserialize(&mut de)
-        .and_then(|h| de.end().map(|_| h))
-        .map_err(|e| {
-            // Our own checks travel inside serde's error as a tagged message.
-            let s = e.to_string();
-            match s.strip_prefix(TAG) {
-                Some(rest) => decode_tagged(rest),
-                None => InvalidEvent::InvalidJson(s),
-            }
-        })?;
+    let head = fields.deserialize(&mut de).and_then(|h| de.end().map(|_| h)).map_err(|e| {
+        // Our own checks travel inside serde's error as a tagged message.
+        let s = e.to_string();
+        match s.strip_prefix(TAG) {
+            Some(rest) => decode_tagged(rest),
+            None => InvalidEvent::InvalidJson(s),
+        }
+    })?;
 
     let header = |name: &str| -> Result<String, InvalidEvent> {
         msg.headers
@@ -158,10 +144,7 @@ pub fn decode(
     let time_ms = match head.timestamp {
         Some(ts) => OffsetDateTime::parse(&ts, &Rfc3339)
             .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-            .map_err(|e| InvalidEvent::BadTimestamp {
-                field: cfg.timestamp_field.clone(),
-                detail: e.to_string(),
-            })?,
+            .map_err(|e| InvalidEvent::BadTimestamp { field: cfg.timestamp_field.clone(), detail: e.to_string() })?,
         None => msg.kafka_time_ms.unwrap_or(now_ms),
     };
     Ok(Event {
@@ -237,10 +220,7 @@ fn decode_tagged(rest: &str) -> InvalidEvent {
     let field = field.to_owned();
     match kind {
         "dup" => InvalidEvent::DuplicateField(field),
-        _ => InvalidEvent::WrongType {
-            field,
-            expected: "a string",
-        },
+        _ => InvalidEvent::WrongType { field, expected: "a string" },
     }
 }
 
@@ -320,18 +300,12 @@ mod tests {
             value: Some(v),
             headers: vec![],
             kafka_time_ms: Some(1_000),
-            source: SourcePos {
-                topic: "t".into(),
-                partition: 0,
-                offset: 0,
-            },
+            source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
         }
     }
 
     fn reason(v: &[u8]) -> &'static str {
-        decode(raw(v), &cfg(), 1024, 0)
-            .expect_err("should be invalid")
-            .reason()
+        decode(raw(v), &cfg(), 1024, 0).expect_err("should be invalid").reason()
     }
 
     #[test]
@@ -350,13 +324,8 @@ mod tests {
     fn timestamp_defaults_to_kafka_time_and_offsets_are_understood() {
         let e = decode(raw(br#"{"id":"a","type":"T"}"#), &cfg(), 1024, 0).expect("valid");
         assert_eq!(e.time_ms, 1_000);
-        let e = decode(
-            raw(br#"{"id":"a","type":"T","timestamp":"2025-01-15T12:30:00+02:00"}"#),
-            &cfg(),
-            1024,
-            0,
-        )
-        .expect("valid");
+        let e = decode(raw(br#"{"id":"a","type":"T","timestamp":"2025-01-15T12:30:00+02:00"}"#), &cfg(), 1024, 0)
+            .expect("valid");
         assert_eq!(e.time_ms, 1_736_937_000_000);
     }
 
@@ -376,46 +345,23 @@ mod tests {
         assert_eq!(reason(br#"{"id":"  ","type":"T"}"#), "empty_field");
         assert_eq!(reason(br#"{"id":7,"type":"T"}"#), "wrong_type");
         assert_eq!(reason(br#"{"id":"a","type":["T"]}"#), "wrong_type");
-        assert_eq!(
-            reason(br#"{"id":"a","id":"b","type":"T"}"#),
-            "duplicate_field"
-        );
-        assert_eq!(
-            reason(br#"{"id":"a","type":"T","timestamp":"yesterday"}"#),
-            "bad_timestamp"
-        );
-        let deep = format!(
-            "{{\"id\":\"a\",\"type\":\"T\",\"d\":{}{}}}",
-            "[".repeat(500),
-            "]".repeat(500)
-        );
-        assert_eq!(
-            decode(raw(deep.as_bytes()), &cfg(), 1 << 20, 0)
-                .expect_err("too deep")
-                .reason(),
-            "too_deep"
-        );
+        assert_eq!(reason(br#"{"id":"a","id":"b","type":"T"}"#), "duplicate_field");
+        assert_eq!(reason(br#"{"id":"a","type":"T","timestamp":"yesterday"}"#), "bad_timestamp");
+        let deep = format!("{{\"id\":\"a\",\"type\":\"T\",\"d\":{}{}}}", "[".repeat(500), "]".repeat(500));
+        assert_eq!(decode(raw(deep.as_bytes()), &cfg(), 1 << 20, 0).expect_err("too deep").reason(), "too_deep");
         let ok = format!(
             "{{\"id\":\"a\",\"type\":\"T\",\"s\":\"{}\",\"d\":{}{}}}",
             "[".repeat(200),
             "[".repeat(60),
             "]".repeat(60)
         );
-        assert!(
-            decode(raw(ok.as_bytes()), &cfg(), 1 << 20, 0).is_ok(),
-            "brackets inside strings do not count"
-        );
+        assert!(decode(raw(ok.as_bytes()), &cfg(), 1 << 20, 0).is_ok(), "brackets inside strings do not count");
     }
 
     #[test]
     fn escaped_keys_and_unknown_fields_are_fine() {
-        let e = decode(
-            raw(br#"{"\u0069d":"a","type":"T","extra":{"x":[1,2,{"y":null}]}}"#),
-            &cfg(),
-            1024,
-            0,
-        )
-        .expect("valid");
+        let e = decode(raw(br#"{"\u0069d":"a","type":"T","extra":{"x":[1,2,{"y":null}]}}"#), &cfg(), 1024, 0)
+            .expect("valid");
         assert_eq!(e.id, "a");
     }
 
@@ -425,21 +371,12 @@ mod tests {
         c.id_header = Some("event-id".into());
         c.type_header = Some("event-type".into());
         let mut m = raw(br#"{"payload":1}"#);
-        m.headers = vec![
-            ("event-id", Some(b"h1")),
-            ("Event-Type", Some(b"InvoicePaid")),
-        ];
+        m.headers = vec![("event-id", Some(b"h1")), ("Event-Type", Some(b"InvoicePaid"))];
         let e = decode(m, &c, 1024, 0).expect("valid");
-        assert_eq!(
-            (e.id.as_str(), e.event_type.as_str()),
-            ("h1", "InvoicePaid")
-        );
+        assert_eq!((e.id.as_str(), e.event_type.as_str()), ("h1", "InvoicePaid"));
         let mut m = raw(br#"{"payload":1}"#);
         m.headers = vec![("event-id", None)];
-        assert_eq!(
-            decode(m, &c, 1024, 0).expect_err("no header").reason(),
-            "bad_header"
-        );
+        assert_eq!(decode(m, &c, 1024, 0).expect_err("no header").reason(), "bad_header");
     }
 
     #[test]

@@ -8,11 +8,7 @@ use tokio_util::sync::CancellationToken;
 use webhookd::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "webhookd",
-    version,
-    about = "Kafka events in, signed webhook deliveries out"
-)]
+#[command(name = "webhookd", version, about = "Kafka events in, signed webhook deliveries out")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,22 +18,12 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Run {
-        #[arg(
-            long,
-            short,
-            env = "WEBHOOKD_CONFIG",
-            default_value = "config/webhookd.toml"
-        )]
+        #[arg(long, short, env = "WEBHOOKD_CONFIG", default_value = "config/webhookd.toml")]
         config: PathBuf,
     },
     /// Validate the configuration (file plus WEBHOOKD_* overrides) and exit.
     Check {
-        #[arg(
-            long,
-            short,
-            env = "WEBHOOKD_CONFIG",
-            default_value = "config/webhookd.toml"
-        )]
+        #[arg(long, short, env = "WEBHOOKD_CONFIG", default_value = "config/webhookd.toml")]
         config: PathBuf,
     },
     /// Run the daemon on the embedded broker with a demo receiver and producer.
@@ -66,11 +52,8 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             return match load(config) {
                 Ok(c) => {
-                    let brokers = if c.source.brokers.is_empty() {
-                        "embedded".to_owned()
-                    } else {
-                        c.source.brokers.join(",")
-                    };
+                    let brokers =
+                        if c.source.brokers.is_empty() { "embedded".to_owned() } else { c.source.brokers.join(",") };
                     println!(
                         "{}: OK ({} endpoint{}, topics {:?}, brokers {brokers})",
                         config.display(),
@@ -91,10 +74,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     webhookd::telemetry::init_logs(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("webhookd: cannot start the async runtime: {e}");
@@ -106,11 +86,12 @@ fn main() -> ExitCode {
         tokio::spawn(on_signal(shutdown.clone()));
         match demo_events {
             Some(n) => webhookd::demo::run(config, n, shutdown).await,
-            None => webhookd::app::run(config, shutdown)
-                .await
-                .map_err(anyhow::Error::from),
+            None => webhookd::app::run(config, shutdown).await.map_err(anyhow::Error::from),
         }
     });
+    // Blocking tasks still running (a Kafka client that will not close) must
+    // not keep the process from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -56,16 +56,10 @@ impl RetryPolicy {
             return Err(("base", "must be greater than zero".into()));
         }
         if !(factor.is_finite() && factor >= 1.0) {
-            return Err((
-                "factor",
-                format!("must be a finite number ≥ 1, found {factor}"),
-            ));
+            return Err(("factor", format!("must be a finite number ≥ 1, found {factor}")));
         }
         if cap < base {
-            return Err((
-                "cap",
-                format!("must be at least retry.base ({base:?}), found {cap:?}"),
-            ));
+            return Err(("cap", format!("must be at least retry.base ({base:?}), found {cap:?}")));
         }
         if max_attempts == 0 {
             return Err(("max_attempts", "must be at least 1".into()));
@@ -73,14 +67,7 @@ impl RetryPolicy {
         if max_age.is_zero() {
             return Err(("max_age", "must be greater than zero".into()));
         }
-        Ok(RetryPolicy {
-            base,
-            factor,
-            cap,
-            max_attempts,
-            max_age,
-            retry_after_cap,
-        })
+        Ok(RetryPolicy { base, factor, cap, max_attempts, max_age, retry_after_cap })
     }
 
     pub fn base(&self) -> Duration {
@@ -105,28 +92,16 @@ impl RetryPolicy {
     /// The ceiling of the jitter window after `attempts` failed attempts:
     /// `min(cap, base × factor^(attempts-1))`.
     pub fn ceiling(&self, attempts: u32) -> Duration {
-        let exp = self
-            .factor
-            .powi(attempts.saturating_sub(1).min(1000) as i32);
+        let exp = self.factor.powi(attempts.saturating_sub(1).min(1000) as i32);
         let secs = self.base.as_secs_f64() * exp;
-        if !secs.is_finite() || secs >= self.cap.as_secs_f64() {
-            self.cap
-        } else {
-            Duration::from_secs_f64(secs)
-        }
+        if !secs.is_finite() || secs >= self.cap.as_secs_f64() { self.cap } else { Duration::from_secs_f64(secs) }
     }
 
     /// Decides the next step after `attempts` failed attempts, the first of
     /// which started `age` ago. `retry_after` is the receiver's request, which
     /// is capped and can only lengthen the delay. `unit` is a uniform sample
     /// in [0, 1) for the full jitter (tests pass fixed values).
-    pub fn decide(
-        &self,
-        attempts: u32,
-        age: Duration,
-        retry_after: Option<Duration>,
-        unit: f64,
-    ) -> RetryDecision {
+    pub fn decide(&self, attempts: u32, age: Duration, retry_after: Option<Duration>, unit: f64) -> RetryDecision {
         if attempts >= self.max_attempts {
             return RetryDecision::Exhausted;
         }
@@ -142,12 +117,7 @@ impl RetryPolicy {
     }
 
     /// [`decide`](Self::decide) with a random jitter sample.
-    pub fn decide_now(
-        &self,
-        attempts: u32,
-        age: Duration,
-        retry_after: Option<Duration>,
-    ) -> RetryDecision {
+    pub fn decide_now(&self, attempts: u32, age: Duration, retry_after: Option<Duration>) -> RetryDecision {
         self.decide(attempts, age, retry_after, rand::rng().random::<f64>())
     }
 }
@@ -178,14 +148,8 @@ mod tests {
     #[test]
     fn full_jitter_spans_zero_to_the_ceiling() {
         let p = policy();
-        assert_eq!(
-            p.decide(3, Duration::ZERO, None, 0.0),
-            RetryDecision::After(Duration::ZERO)
-        );
-        assert_eq!(
-            p.decide(3, Duration::ZERO, None, 0.5),
-            RetryDecision::After(Duration::from_secs(2))
-        );
+        assert_eq!(p.decide(3, Duration::ZERO, None, 0.0), RetryDecision::After(Duration::ZERO));
+        assert_eq!(p.decide(3, Duration::ZERO, None, 0.5), RetryDecision::After(Duration::from_secs(2)));
         for _ in 0..1000 {
             match p.decide_now(4, Duration::ZERO, None) {
                 RetryDecision::After(d) => assert!(d <= Duration::from_secs(8)),
@@ -217,25 +181,11 @@ mod tests {
     #[test]
     fn attempts_and_age_are_bounded() {
         let p = policy();
+        assert_eq!(p.decide(5, Duration::ZERO, None, 0.1), RetryDecision::Exhausted);
+        assert!(matches!(p.decide(4, Duration::ZERO, None, 0.1), RetryDecision::After(_)));
+        assert_eq!(p.decide(1, Duration::from_secs(3600), None, 0.5), RetryDecision::Exhausted);
         assert_eq!(
-            p.decide(5, Duration::ZERO, None, 0.1),
-            RetryDecision::Exhausted
-        );
-        assert!(matches!(
-            p.decide(4, Duration::ZERO, None, 0.1),
-            RetryDecision::After(_)
-        ));
-        assert_eq!(
-            p.decide(1, Duration::from_secs(3600), None, 0.5),
-            RetryDecision::Exhausted
-        );
-        assert_eq!(
-            p.decide(
-                1,
-                Duration::from_secs(3500),
-                Some(Duration::from_secs(200)),
-                0.5
-            ),
+            p.decide(1, Duration::from_secs(3500), Some(Duration::from_secs(200)), 0.5),
             RetryDecision::Exhausted
         );
     }
@@ -243,38 +193,12 @@ mod tests {
     #[test]
     fn invalid_parts_are_named() {
         let d = Duration::from_secs(1);
-        assert_eq!(
-            RetryPolicy::new(Duration::ZERO, 2.0, d, 1, d, d)
-                .expect_err("invalid")
-                .0,
-            "base"
-        );
-        assert_eq!(
-            RetryPolicy::new(d, 0.5, d, 1, d, d).expect_err("invalid").0,
-            "factor"
-        );
-        assert_eq!(
-            RetryPolicy::new(d, f64::NAN, d, 1, d, d)
-                .expect_err("invalid")
-                .0,
-            "factor"
-        );
-        assert_eq!(
-            RetryPolicy::new(d * 2, 2.0, d, 1, d, d)
-                .expect_err("invalid")
-                .0,
-            "cap"
-        );
-        assert_eq!(
-            RetryPolicy::new(d, 2.0, d, 0, d, d).expect_err("invalid").0,
-            "max_attempts"
-        );
-        assert_eq!(
-            RetryPolicy::new(d, 2.0, d, 1, Duration::ZERO, d)
-                .expect_err("invalid")
-                .0,
-            "max_age"
-        );
+        assert_eq!(RetryPolicy::new(Duration::ZERO, 2.0, d, 1, d, d).expect_err("invalid").0, "base");
+        assert_eq!(RetryPolicy::new(d, 0.5, d, 1, d, d).expect_err("invalid").0, "factor");
+        assert_eq!(RetryPolicy::new(d, f64::NAN, d, 1, d, d).expect_err("invalid").0, "factor");
+        assert_eq!(RetryPolicy::new(d * 2, 2.0, d, 1, d, d).expect_err("invalid").0, "cap");
+        assert_eq!(RetryPolicy::new(d, 2.0, d, 0, d, d).expect_err("invalid").0, "max_attempts");
+        assert_eq!(RetryPolicy::new(d, 2.0, d, 1, Duration::ZERO, d).expect_err("invalid").0, "max_age");
     }
 
     #[test]
@@ -282,10 +206,7 @@ mod tests {
         let p = RetryPolicy::default();
         let total_ceiling: Duration = (1..p.max_attempts()).map(|a| p.ceiling(a)).sum();
         // The expected total with full jitter is half the sum of the ceilings.
-        assert!(
-            total_ceiling / 2 > Duration::from_secs(12 * 3600),
-            "{total_ceiling:?}"
-        );
+        assert!(total_ceiling / 2 > Duration::from_secs(12 * 3600), "{total_ceiling:?}");
         assert_eq!(p.max_age(), Duration::from_secs(24 * 3600));
     }
 }

@@ -37,11 +37,7 @@ impl TypeFilter {
                 "bad event-type filter {s:?}: use \"*\", an exact type such as \"ContactCreate\" or a prefix such as \"Contact*\""
             ));
         }
-        Ok(if wildcard {
-            TypeFilter::Prefix(body.to_owned())
-        } else {
-            TypeFilter::Exact(body.to_owned())
-        })
+        Ok(if wildcard { TypeFilter::Prefix(body.to_owned()) } else { TypeFilter::Exact(body.to_owned()) })
     }
 
     pub fn matches(&self, event_type: &str) -> bool {
@@ -58,12 +54,39 @@ impl TypeFilter {
 pub struct Endpoint {
     pub config: EndpointConfig,
     enabled: AtomicBool,
+    removed: bool,
 }
 
 impl Endpoint {
     pub fn new(config: EndpointConfig) -> Self {
         let enabled = AtomicBool::new(config.enabled);
-        Endpoint { config, enabled }
+        Endpoint { config, enabled, removed: false }
+    }
+
+    /// Stands in for an endpoint that still has deliveries in the store but is
+    /// gone from the configuration: its worker dead-letters them
+    /// (`endpoint_removed`), so nothing is stuck and nothing is sent.
+    pub fn removed(id: &str) -> Self {
+        let config = EndpointConfig {
+            id: id.to_owned(),
+            url: url::Url::parse("http://removed.invalid/").expect("static URL parses"),
+            enabled: false,
+            event_types: Vec::new(),
+            location_ids: Vec::new(),
+            secrets: Vec::new(),
+            rate_limit: crate::config::RateLimit {
+                per_second: std::num::NonZeroU32::MAX,
+                burst: std::num::NonZeroU32::MAX,
+            },
+            max_in_flight: std::num::NonZeroUsize::MIN.saturating_add(15),
+            attempt_timeout: std::time::Duration::from_secs(5),
+            legacy_hmac_header: false,
+        };
+        Endpoint { config, enabled: AtomicBool::new(false), removed: true }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed
     }
     pub fn id(&self) -> &str {
         &self.config.id
@@ -75,10 +98,7 @@ impl Endpoint {
         self.enabled.store(on, Ordering::Release);
     }
     fn accepts(&self, event_type: &str, location: Option<&str>) -> bool {
-        self.config
-            .event_types
-            .iter()
-            .any(|f| f.matches(event_type))
+        self.config.event_types.iter().any(|f| f.matches(event_type))
             && (self.config.location_ids.is_empty()
                 || location.is_some_and(|l| self.config.location_ids.iter().any(|x| x == l)))
     }
@@ -97,10 +117,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
-        let mut t = RouteTable {
-            endpoints,
-            ..Default::default()
-        };
+        let mut t = RouteTable { endpoints, ..Default::default() };
         for (i, e) in t.endpoints.iter().enumerate() {
             t.by_id.insert(e.id().to_owned(), i);
             for f in &e.config.event_types {
@@ -120,12 +137,7 @@ impl RouteTable {
         if let Some(v) = self.exact.get(event_type) {
             hits.extend_from_slice(v);
         }
-        hits.extend(
-            self.prefix
-                .iter()
-                .filter(|(p, _)| event_type.starts_with(p.as_str()))
-                .map(|(_, i)| *i),
-        );
+        hits.extend(self.prefix.iter().filter(|(p, _)| event_type.starts_with(p.as_str())).map(|(_, i)| *i));
         hits.sort_unstable();
         hits.dedup();
         hits.into_iter()
@@ -152,14 +164,8 @@ pub struct Registry {
 
 impl Registry {
     pub fn from_configs(configs: &[EndpointConfig]) -> Self {
-        let endpoints = configs
-            .iter()
-            .cloned()
-            .map(|c| Arc::new(Endpoint::new(c)))
-            .collect();
-        Registry {
-            table: Arc::new(RwLock::new(Arc::new(RouteTable::new(endpoints)))),
-        }
+        let endpoints = configs.iter().cloned().map(|c| Arc::new(Endpoint::new(c))).collect();
+        Registry { table: Arc::new(RwLock::new(Arc::new(RouteTable::new(endpoints)))) }
     }
 
     /// A consistent snapshot to route a batch against.
@@ -185,24 +191,14 @@ mod tests {
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
     fn ids(r: &Registry, ty: &str, loc: Option<&str>) -> Vec<String> {
-        r.snapshot()
-            .route(ty, loc)
-            .iter()
-            .map(|e| e.id().to_owned())
-            .collect()
+        r.snapshot().route(ty, loc).iter().map(|e| e.id().to_owned()).collect()
     }
 
     #[test]
     fn filters_parse_and_match() {
         assert_eq!(TypeFilter::parse("*"), Ok(TypeFilter::Any));
-        assert_eq!(
-            TypeFilter::parse("Contact*"),
-            Ok(TypeFilter::Prefix("Contact".into()))
-        );
-        assert_eq!(
-            TypeFilter::parse("InvoicePaid"),
-            Ok(TypeFilter::Exact("InvoicePaid".into()))
-        );
+        assert_eq!(TypeFilter::parse("Contact*"), Ok(TypeFilter::Prefix("Contact".into())));
+        assert_eq!(TypeFilter::parse("InvoicePaid"), Ok(TypeFilter::Exact("InvoicePaid".into())));
         for bad in ["", "**", "*Contact", "Con*tact", "a b"] {
             assert!(TypeFilter::parse(bad).is_err(), "{bad:?} should be refused");
         }
@@ -238,10 +234,7 @@ mod tests {
             "#
         ));
         assert_eq!(ids(&r, "ContactCreate", None), ["all", "contacts"]);
-        assert_eq!(
-            ids(&r, "InvoicePaid", Some("loc_42")),
-            ["all", "loc42-invoices"]
-        );
+        assert_eq!(ids(&r, "InvoicePaid", Some("loc_42")), ["all", "loc42-invoices"]);
         assert_eq!(ids(&r, "InvoicePaid", Some("loc_7")), ["all"]);
         assert_eq!(ids(&r, "InvoicePaid", None), ["all"]);
         r.get("all").expect("exists").set_enabled(false);

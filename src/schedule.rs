@@ -3,7 +3,8 @@
 //!
 //! It sleeps until the earliest due time, or until the store says a new retry
 //! was scheduled, and never scans what it has already moved: reads start at
-//! the due time of the last promoted retry.
+//! the due time of the last promoted retry, or earlier when the store reports
+//! a retry scheduled below that (a slow write, a clock step).
 
 use std::time::Duration;
 
@@ -16,12 +17,11 @@ use crate::store::{Store, now_ms};
 const PROMOTE_BATCH: usize = 1024;
 /// Longest sleep when nothing is scheduled (a wake-up comes sooner).
 const IDLE: Duration = Duration::from_secs(60);
-/// How far behind the last promoted due time reads start, to allow for clock steps.
-const CLOCK_SLACK_MS: i64 = 1_000;
 
 pub async fn run(store: Store, shutdown: CancellationToken) {
     let mut from_ms = 0i64;
     loop {
+        from_ms = from_ms.min(store.wakeups().take_min_new_due());
         let now = now_ms();
         let (due, next) = match store.due(now, from_ms, PROMOTE_BATCH).await {
             Ok(found) => found,
@@ -39,7 +39,7 @@ pub async fn run(store: Store, shutdown: CancellationToken) {
             match store.promote(due).await {
                 Ok(()) => {
                     tracing::debug!(count, "promoted due retries");
-                    from_ms = (last_due - CLOCK_SLACK_MS).max(0);
+                    from_ms = last_due;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot promote due retries");
@@ -50,9 +50,7 @@ pub async fn run(store: Store, shutdown: CancellationToken) {
             }
             continue;
         }
-        let wait = next.map_or(IDLE, |at| {
-            Duration::from_millis((at - now).clamp(0, IDLE.as_millis() as i64) as u64)
-        });
+        let wait = next.map_or(IDLE, |at| Duration::from_millis((at - now).clamp(0, IDLE.as_millis() as i64) as u64));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = store.wakeups().scheduler().notified() => {}

@@ -4,7 +4,7 @@
 //! the webpki trust roots. Redirects are never followed (the legacy client
 //! does not follow them; a 3xx is classified as permanent). Each attempt,
 //! from connect to the last byte of the response body, runs inside its own
-//! budget.
+//! budget; the response status, once it has arrived in time, decides the outcome.
 
 use std::time::{Duration, SystemTime};
 
@@ -54,66 +54,51 @@ pub struct AttemptRequest<'a> {
 
 pub async fn attempt(client: &HttpClient, a: AttemptRequest<'_>) -> Result<Response, AttemptError> {
     let now = SystemTime::now();
-    let ts = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let ts = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let mut req = Request::post(a.url.as_str())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE))
         .header("webhook-id", a.webhook_id)
         .header("webhook-timestamp", ts)
-        .header(
-            "webhook-signature",
-            sign::signature_header(a.secrets, a.webhook_id, ts, &a.body),
-        );
+        .header("webhook-signature", sign::signature_header(a.secrets, a.webhook_id, ts, &a.body));
     if a.legacy_hmac_header
         && let Some(first) = a.secrets.first()
     {
         req = req.header("x-hmac-signature", sign::legacy_signature(first, &a.body));
     }
-    let req = req
-        .body(Full::new(a.body))
-        .map_err(|e| AttemptError::Refused(format!("bad request: {e}")))?;
-    let max = a.max_response_bytes;
-    let exchange = async move {
-        let resp = client.request(req).await.map_err(|e| {
+    let req = req.body(Full::new(a.body)).map_err(|e| AttemptError::Refused(format!("bad request: {e}")))?;
+    let deadline = tokio::time::Instant::now() + a.budget;
+    let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
+        Err(_) => return Err(AttemptError::Timeout(a.budget)),
+        Ok(Err(e)) => {
             let detail = error_chain(&e);
-            if e.is_connect() {
-                AttemptError::Connect(detail)
-            } else {
-                AttemptError::Io(detail)
-            }
-        })?;
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        // Read (and discard) the body, so the connection can be reused, up to a limit.
-        let mut body = resp.into_body();
+            return Err(if e.is_connect() { AttemptError::Connect(detail) } else { AttemptError::Io(detail) });
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    // The status decides the outcome: a receiver that answered 2xx has the
+    // event, and retrying it would deliver it twice. The body is read and
+    // discarded within what is left of the budget, so the connection can be
+    // reused; one that is too slow, too large or broken only costs the connection.
+    let max = a.max_response_bytes;
+    let mut body = resp.into_body();
+    let drain = async move {
         let mut read = 0usize;
         while read <= max {
             match body.frame().await {
-                None => break,
                 Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
-                Some(Err(e)) => {
-                    return Err(AttemptError::Io(format!(
-                        "reading response body: {}",
-                        error_chain(&e)
-                    )));
-                }
+                _ => break,
             }
         }
-        Ok(Response {
-            status,
-            retry_after,
-        })
     };
-    tokio::time::timeout(a.budget, exchange)
-        .await
-        .unwrap_or(Err(AttemptError::Timeout(a.budget)))
+    let _ = tokio::time::timeout_at(deadline, drain).await;
+    Ok(Response { status, retry_after })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -59,11 +59,14 @@ impl Deliverer {
         let in_flight = Arc::new(Semaphore::new(ep.config.max_in_flight.get()));
         let batch = ep.config.max_in_flight.get().clamp(16, 256);
         let mut cursor: Option<u64> = None;
-        metrics::gauge!(m::ENDPOINT_ENABLED, "endpoint" => ep.id().to_owned())
-            .set(if ep.is_enabled() { 1.0 } else { 0.0 });
+        metrics::gauge!(m::ENDPOINT_ENABLED, "endpoint" => ep.id().to_owned()).set(if ep.is_enabled() {
+            1.0
+        } else {
+            0.0
+        });
         loop {
-            let items = match self.store.load_ready(ep.id(), cursor, batch).await {
-                Ok(items) => items,
+            let (items, scanned_to) = match self.store.load_ready(ep.id(), cursor, batch).await {
+                Ok(loaded) => loaded,
                 Err(e) => {
                     tracing::error!(endpoint = ep.id(), error = %e, "cannot load ready deliveries");
                     if sleep_or_cancel(STORE_RETRY, &shutdown).await {
@@ -73,6 +76,11 @@ impl Deliverer {
                 }
             };
             if items.is_empty() {
+                if scanned_to.is_some() {
+                    // Only quarantined records: move past them.
+                    cursor = scanned_to;
+                    continue;
+                }
                 tokio::select! {
                     _ = wake.notified() => continue,
                     _ = shutdown.cancelled() => return,
@@ -86,8 +94,7 @@ impl Deliverer {
                 cursor = Some(item.seq);
                 let needs_http = ep.is_enabled() && item.delivery.dead_letter_reason.is_none();
                 if needs_http && limiter.check().is_err() {
-                    metrics::counter!(m::RATE_LIMITED, "endpoint" => ep.id().to_owned())
-                        .increment(1);
+                    metrics::counter!(m::RATE_LIMITED, "endpoint" => ep.id().to_owned()).increment(1);
                     tokio::select! {
                         _ = limiter.until_ready() => {}
                         _ = shutdown.cancelled() => return,
@@ -105,18 +112,17 @@ impl Deliverer {
                     .instrument(span),
                 );
             }
+            cursor = cursor.max(scanned_to);
         }
     }
 
     /// Attempts one delivery (or finishes dead-lettering it) and records the result.
     async fn settle(&self, ep: Arc<Endpoint>, item: ReadyItem) {
-        let ReadyItem {
-            key,
-            delivery: mut d,
-            ..
-        } = item;
+        let ReadyItem { key, delivery: mut d, .. } = item;
         let next = if let Some(reason) = d.dead_letter_reason.take() {
             self.dead_letter(d, DeliveryFailure::parse(&reason)).await
+        } else if ep.is_removed() {
+            self.dead_letter(d, DeliveryFailure::EndpointRemoved).await
         } else if !ep.is_enabled() {
             self.dead_letter(d, DeliveryFailure::EndpointDisabled).await
         } else {
@@ -148,8 +154,7 @@ impl Deliverer {
             };
             gauge.decrement(1.0);
             let elapsed = started.elapsed();
-            metrics::histogram!(m::ATTEMPT_DURATION, "endpoint" => ep.id().to_owned())
-                .record(elapsed.as_secs_f64());
+            metrics::histogram!(m::ATTEMPT_DURATION, "endpoint" => ep.id().to_owned()).record(elapsed.as_secs_f64());
             let outcome = classify(&result);
             metrics::counter!(m::DELIVERIES, "endpoint" => ep.id().to_owned(), "outcome" => outcome.as_str())
                 .increment(1);
@@ -165,20 +170,15 @@ impl Deliverer {
             }
             log_attempt(&result, outcome, elapsed);
             match outcome {
-                Outcome::Delivered => Next::Done,
+                Outcome::Delivered => Some(Next::Done),
                 Outcome::Retry { retry_after } => {
                     let age = Duration::from_millis((now_ms() - d.first_attempt_ms).max(0) as u64);
                     match self.policy.decide_now(d.attempts, age, retry_after) {
                         RetryDecision::After(delay) => {
                             metrics::counter!(m::RETRIES_SCHEDULED, "endpoint" => ep.id().to_owned()).increment(1);
-                            Next::Wait {
-                                due_ms: now_ms() + delay.as_millis() as i64,
-                                delivery: d,
-                            }
+                            Some(Next::Wait { due_ms: now_ms() + delay.as_millis() as i64, delivery: d })
                         }
-                        RetryDecision::Exhausted => {
-                            self.dead_letter(d, DeliveryFailure::Exhausted).await
-                        }
+                        RetryDecision::Exhausted => self.dead_letter(d, DeliveryFailure::Exhausted).await,
                     }
                 }
                 Outcome::DeadLetter => {
@@ -194,6 +194,8 @@ impl Deliverer {
                 }
             }
         };
+        // None: shutdown's grace ran out while dead-lettering; it stays in the outbox.
+        let Some(next) = next else { return };
         while let Err(e) = self.store.finish(key.clone(), next.clone()).await {
             tracing::error!(error = %e, "cannot record the attempt's result; retrying");
             if sleep_or_cancel(STORE_RETRY, &self.abort).await {
@@ -203,14 +205,15 @@ impl Deliverer {
     }
 
     /// Produces the dead letter; if the topic cannot take it now, parks the
-    /// delivery in the retry schedule marked to be dead-lettered later.
-    async fn dead_letter(&self, mut d: crate::store::Delivery, why: DeliveryFailure) -> Next {
+    /// delivery in the retry schedule marked to be dead-lettered later. None
+    /// if shutdown's grace period ran out first.
+    async fn dead_letter(&self, mut d: crate::store::Delivery, why: DeliveryFailure) -> Option<Next> {
         let record = dead_letter::delivery_record(&d, why, now_ms());
-        match self
-            .dead_letters
-            .send(&d.event_id, why.as_str(), &record)
-            .await
-        {
+        let sent = tokio::select! {
+            r = self.dead_letters.send(&d.event_id, why.as_str(), &record) => r,
+            _ = self.abort.cancelled() => return None,
+        };
+        Some(match sent {
             Ok(()) => {
                 tracing::warn!(endpoint = %d.endpoint_id, event_id = %d.event_id, reason = why.as_str(),
                     attempts = d.attempts, last_status = d.last_status, last_error = %d.last_error, "dead-lettered");
@@ -219,12 +222,9 @@ impl Deliverer {
             Err(e) => {
                 tracing::error!(error = %e, reason = why.as_str(), "cannot produce dead letter; will try again");
                 d.dead_letter_reason = Some(why.as_str().to_owned());
-                Next::Wait {
-                    due_ms: now_ms() + DEAD_LETTER_RETRY.as_millis() as i64,
-                    delivery: d,
-                }
+                Next::Wait { due_ms: now_ms() + DEAD_LETTER_RETRY.as_millis() as i64, delivery: d }
             }
-        }
+        })
     }
 
     async fn disable(&self, ep: &Endpoint) {
@@ -235,11 +235,7 @@ impl Deliverer {
         metrics::gauge!(m::ENDPOINT_ENABLED, "endpoint" => ep.id().to_owned()).set(0.0);
         tracing::warn!(endpoint = ep.id(), "endpoint answered 410 Gone: disabled");
         let state = serde_json::json!({ "disabled": true, "reason": "gone", "status": 410, "at_ms": now_ms() });
-        while let Err(e) = self
-            .store
-            .set_endpoint_disabled(ep.id(), Some(state.clone()))
-            .await
-        {
+        while let Err(e) = self.store.set_endpoint_disabled(ep.id(), Some(state.clone())).await {
             tracing::error!(error = %e, "cannot persist disabled endpoint; retrying");
             if sleep_or_cancel(STORE_RETRY, &self.abort).await {
                 return;
@@ -248,19 +244,10 @@ impl Deliverer {
     }
 }
 
-fn log_attempt(
-    result: &Result<outcome::Response, AttemptError>,
-    outcome: Outcome,
-    elapsed: Duration,
-) {
+fn log_attempt(result: &Result<outcome::Response, AttemptError>, outcome: Outcome, elapsed: Duration) {
     let ms = elapsed.as_secs_f64() * 1000.0;
     match result {
-        Ok(r) => tracing::debug!(
-            status = r.status,
-            outcome = outcome.as_str(),
-            duration_ms = ms,
-            "attempt finished"
-        ),
+        Ok(r) => tracing::debug!(status = r.status, outcome = outcome.as_str(), duration_ms = ms, "attempt finished"),
         Err(e) => {
             tracing::info!(error = %e, outcome = outcome.as_str(), duration_ms = ms, "attempt failed")
         }

@@ -65,9 +65,7 @@ pub fn classify(result: &Result<Response, AttemptError>) -> Outcome {
     match response.status {
         200..=299 => Outcome::Delivered,
         410 => Outcome::Gone,
-        429 | 503 => Outcome::Retry {
-            retry_after: response.retry_after,
-        },
+        429 | 503 => Outcome::Retry { retry_after: response.retry_after },
         408 | 425 => Outcome::Retry { retry_after: None },
         501 => Outcome::DeadLetter,
         500..=599 => Outcome::Retry { retry_after: None },
@@ -82,9 +80,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    httpdate::parse_http_date(v)
-        .ok()
-        .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
+    httpdate::parse_http_date(v).ok().map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
@@ -92,10 +88,7 @@ mod tests {
     use super::*;
 
     fn status(s: u16) -> Outcome {
-        classify(&Ok(Response {
-            status: s,
-            retry_after: None,
-        }))
+        classify(&Ok(Response { status: s, retry_after: None }))
     }
 
     #[test]
@@ -144,45 +137,24 @@ mod tests {
         ] {
             assert_eq!(classify(&Err(e)), Outcome::Retry { retry_after: None });
         }
-        assert_eq!(
-            classify(&Err(AttemptError::Refused("blocked address".into()))),
-            Outcome::DeadLetter
-        );
+        assert_eq!(classify(&Err(AttemptError::Refused("blocked address".into()))), Outcome::DeadLetter);
     }
 
     #[test]
     fn retry_after_is_kept_only_for_429_and_503() {
         let ra = Some(Duration::from_secs(7));
         for code in [429, 503] {
-            assert_eq!(
-                classify(&Ok(Response {
-                    status: code,
-                    retry_after: ra
-                })),
-                Outcome::Retry { retry_after: ra }
-            );
+            assert_eq!(classify(&Ok(Response { status: code, retry_after: ra })), Outcome::Retry { retry_after: ra });
         }
-        assert_eq!(
-            classify(&Ok(Response {
-                status: 500,
-                retry_after: ra
-            })),
-            Outcome::Retry { retry_after: None }
-        );
+        assert_eq!(classify(&Ok(Response { status: 500, retry_after: ra })), Outcome::Retry { retry_after: None });
     }
 
     #[test]
     fn retry_after_parses_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(
-            parse_retry_after(&later, now),
-            Some(Duration::from_secs(90))
-        );
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);

@@ -33,10 +33,7 @@ pub enum SecretError {
 
 impl SigningSecret {
     pub fn parse(s: &str) -> Result<Self, SecretError> {
-        let b64 = s
-            .trim()
-            .strip_prefix("whsec_")
-            .ok_or(SecretError::MissingPrefix)?;
+        let b64 = s.trim().strip_prefix("whsec_").ok_or(SecretError::MissingPrefix)?;
         let key = B64.decode(b64).map_err(|_| SecretError::NotBase64)?;
         if !KEY_BYTES.contains(&key.len()) {
             return Err(SecretError::BadLength(key.len()));
@@ -56,12 +53,7 @@ impl std::fmt::Debug for SigningSecret {
 }
 
 /// The `webhook-signature` header value for one message.
-pub fn signature_header(
-    secrets: &[SigningSecret],
-    msg_id: &str,
-    timestamp: i64,
-    body: &[u8],
-) -> String {
+pub fn signature_header(secrets: &[SigningSecret], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
     let mut out = String::with_capacity(secrets.len() * 48);
     let ts = timestamp.to_string();
     for (i, secret) in secrets.iter().enumerate() {
@@ -101,10 +93,7 @@ mod tests {
     #[test]
     fn matches_the_specification_example() {
         let s = SigningSecret::parse(SPEC_SECRET).expect("valid secret");
-        assert_eq!(
-            signature_header(&[s], SPEC_ID, SPEC_TS, SPEC_BODY),
-            SPEC_SIG
-        );
+        assert_eq!(signature_header(&[s], SPEC_ID, SPEC_TS, SPEC_BODY), SPEC_SIG);
     }
 
     #[test]
@@ -120,18 +109,9 @@ mod tests {
 
     #[test]
     fn bad_secrets_are_refused_and_never_printed() {
-        assert_eq!(
-            SigningSecret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            Err(SecretError::MissingPrefix)
-        );
-        assert_eq!(
-            SigningSecret::parse("whsec_!!!"),
-            Err(SecretError::NotBase64)
-        );
-        assert_eq!(
-            SigningSecret::parse("whsec_c2hvcnQ="),
-            Err(SecretError::BadLength(5))
-        );
+        assert_eq!(SigningSecret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), Err(SecretError::MissingPrefix));
+        assert_eq!(SigningSecret::parse("whsec_!!!"), Err(SecretError::NotBase64));
+        assert_eq!(SigningSecret::parse("whsec_c2hvcnQ="), Err(SecretError::BadLength(5)));
         let s = SigningSecret::parse(SPEC_SECRET).expect("valid");
         assert_eq!(format!("{s:?}"), "SigningSecret(<redacted>)");
     }

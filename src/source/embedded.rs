@@ -46,14 +46,9 @@ impl EmbeddedBroker {
                 }
             })
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
-        let bootstrap = ready_rx
-            .recv()
-            .map_err(|_| KafkaError::ClientCreation("embedded broker thread died".into()))??;
-        Ok(EmbeddedBroker {
-            bootstrap,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
+        let bootstrap =
+            ready_rx.recv().map_err(|_| KafkaError::ClientCreation("embedded broker thread died".into()))??;
+        Ok(EmbeddedBroker { bootstrap, stop: Some(stop_tx), thread: Some(thread) })
     }
 
     pub fn bootstrap_servers(&self) -> &str {

@@ -16,9 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -30,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::SourceConfig;
 use crate::dead_letter::{self, DeadLetters};
 use crate::deliver::sleep_or_cancel;
-use crate::event::{self, Event, RawMessage, SourcePos};
+use crate::event::{self, Event, InvalidEvent, RawMessage, SourcePos};
 use crate::route::Registry;
 use crate::store::{Delivery, Intake, NewEvent, Store, now_ms};
 use crate::telemetry::admin::Health;
@@ -40,14 +38,15 @@ use offsets::{Offsets, Tp};
 /// Batches being written to the store at once; more waits (backpressure).
 const BATCHES_IN_FLIGHT: usize = 4;
 /// How long shutdown waits for batches and dead letters under way.
+/// Invalid messages being dead-lettered at once; more waits.
+const DEAD_LETTERS_IN_FLIGHT: usize = 256;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// librdkafka settings shared by the consumer and the dead-letter producer.
 pub fn kafka_config(cfg: &SourceConfig, bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap)
-        .set("client.id", "webhookd");
+    c.set("bootstrap.servers", bootstrap).set("client.id", "webhookd");
     for (k, v) in &cfg.kafka {
         c.set(k, v);
     }
@@ -73,10 +72,7 @@ fn tp_list(items: &[(Tp, i64)]) -> TopicPartitionList {
 impl ClientContext for ConsumerCtx {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", fac, "{log_message}")
             }
             RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
@@ -107,11 +103,7 @@ impl ConsumerContext for ConsumerCtx {
                     })
                     .collect()
             };
-            tracing::info!(
-                partitions = tpl.count(),
-                commits = commit.len(),
-                "partitions revoked"
-            );
+            tracing::info!(partitions = tpl.count(), commits = commit.len(), "partitions revoked");
             if !commit.is_empty() {
                 let result = consumer.commit(&tp_list(&commit), CommitMode::Sync);
                 record_commit(&result);
@@ -181,24 +173,11 @@ impl Source {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
-            .set(
-                "session.timeout.ms",
-                cfg.session_timeout.as_millis().to_string(),
-            )
-            .create_with_context(ConsumerCtx {
-                offsets: offsets.clone(),
-            })?;
+            .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
+            .create_with_context(ConsumerCtx { offsets: offsets.clone() })?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        Ok(Source {
-            consumer: Arc::new(consumer),
-            offsets,
-            store,
-            registry,
-            dead_letters,
-            cfg: cfg.clone(),
-            health,
-        })
+        Ok(Source { consumer: Arc::new(consumer), offsets, store, registry, dead_letters, cfg: cfg.clone(), health })
     }
 
     /// Consumes until `shutdown`, then drains and commits what is settled.
@@ -211,6 +190,7 @@ impl Source {
             shutdown.clone(),
         ));
         let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        let dead_letter_slots = Arc::new(Semaphore::new(DEAD_LETTERS_IN_FLIGHT));
         let tasks = TaskTracker::new();
         let mut batch: Vec<(Event, u64)> = Vec::with_capacity(self.cfg.batch_max.get());
         let mut deadline: Option<Instant> = None;
@@ -227,7 +207,7 @@ impl Source {
                 }
                 msg = self.consumer.recv() => match msg {
                     Ok(msg) => {
-                        self.take(&msg, &mut batch, &tasks, &shutdown);
+                        self.take(&msg, &mut batch, &tasks, &dead_letter_slots, &shutdown).await;
                         if batch.len() >= self.cfg.batch_max.get() {
                             deadline = None;
                             self.flush(&mut batch, &slots, &tasks, &shutdown).await;
@@ -241,20 +221,12 @@ impl Source {
         }
         self.flush(&mut batch, &slots, &tasks, &shutdown).await;
         tasks.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "some messages were not settled at shutdown; they will be consumed again"
-            );
+        if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait()).await.is_err() {
+            tracing::warn!("some messages were not settled at shutdown; they will be consumed again");
         }
         self.commit(CommitMode::Sync);
         let _ = probe.await;
-        tracing::info!(
-            unsettled = lock(&self.offsets).unsettled(),
-            "source stopped"
-        );
+        tracing::info!(unsettled = lock(&self.offsets).unsettled(), "source stopped");
         self.consumer
     }
 
@@ -278,78 +250,63 @@ impl Source {
     }
 
     /// Decodes one message into the batch, or dead-letters it.
-    fn take(
+    async fn take(
         &self,
         msg: &BorrowedMessage<'_>,
         batch: &mut Vec<(Event, u64)>,
         tasks: &TaskTracker,
+        dead_letter_slots: &Arc<Semaphore>,
         shutdown: &CancellationToken,
     ) {
         metrics::counter!(m::EVENTS_CONSUMED).increment(1);
         let tp = (msg.topic().to_owned(), msg.partition());
         let generation = lock(&self.offsets).received(&tp, msg.offset());
-        let headers = msg
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
-        let source = SourcePos {
-            topic: tp.0.clone(),
-            partition: tp.1,
-            offset: msg.offset(),
+        let pos = SourcePos { topic: tp.0.clone(), partition: tp.1, offset: msg.offset() };
+        let env = &self.cfg.envelope;
+        let headers =
+            if env.id_header.is_some() || env.type_header.is_some() { read_headers(msg) } else { Ok(Vec::new()) };
+        let decoded = headers.and_then(|headers| {
+            let raw = RawMessage {
+                value: msg.payload(),
+                headers,
+                kafka_time_ms: msg.timestamp().to_millis(),
+                source: pos.clone(),
+            };
+            event::decode(raw, env, self.cfg.max_event_bytes.get(), now_ms())
+        });
+        let invalid = match decoded {
+            Ok(ev) => return batch.push((ev, generation)),
+            Err(invalid) => invalid,
         };
-        let raw = RawMessage {
-            value: msg.payload(),
-            headers,
-            kafka_time_ms: msg.timestamp().to_millis(),
-            source,
-        };
-        match event::decode(
-            raw,
-            &self.cfg.envelope,
-            self.cfg.max_event_bytes.get(),
-            now_ms(),
-        ) {
-            Ok(ev) => batch.push((ev, generation)),
-            Err(invalid) => {
-                let pos = SourcePos {
-                    topic: tp.0.clone(),
-                    partition: tp.1,
-                    offset: msg.offset(),
-                };
-                metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason()).increment(1);
-                tracing::warn!(topic = %pos.topic, partition = pos.partition, offset = pos.offset,
-                    reason = invalid.reason(), detail = %invalid, "invalid event: dead-lettering it");
-                let record = dead_letter::invalid_record(&pos, msg.payload(), &invalid, now_ms());
-                let key = msg
-                    .key()
-                    .and_then(|k| std::str::from_utf8(k).ok())
-                    .map_or_else(
-                        || format!("{}/{}/{}", pos.topic, pos.partition, pos.offset),
-                        str::to_owned,
-                    );
-                let (dlq, offsets, shutdown) = (
-                    self.dead_letters.clone(),
-                    self.offsets.clone(),
-                    shutdown.clone(),
-                );
-                tasks.spawn(async move {
-                    loop {
-                        match dlq.send(&key, invalid.reason(), &record).await {
-                            Ok(()) => {
-                                lock(&offsets).settled(&tp, generation, pos.offset);
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, offset = pos.offset, "cannot dead-letter invalid event; retrying");
-                                if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
-                                    return;
-                                }
-                            }
+        metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason()).increment(1);
+        tracing::warn!(topic = %pos.topic, partition = pos.partition, offset = pos.offset,
+            reason = invalid.reason(), detail = %invalid, "invalid event: dead-lettering it");
+        let record = dead_letter::invalid_record(&pos, msg.payload(), &invalid, now_ms());
+        let key = msg
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .map_or_else(|| format!("{}/{}/{}", pos.topic, pos.partition, pos.offset), str::to_owned);
+        // Bounded: a flood of bad messages while the dead-letter topic is
+        // unreachable holds the consumer instead of piling up tasks.
+        let permit = dead_letter_slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (dlq, offsets, shutdown) = (self.dead_letters.clone(), self.offsets.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            loop {
+                match dlq.send(&key, invalid.reason(), &record).await {
+                    Ok(()) => {
+                        lock(&offsets).settled(&tp, generation, pos.offset);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, offset = pos.offset, "cannot dead-letter invalid event; retrying");
+                        if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                            return;
                         }
                     }
-                });
+                }
             }
-        }
+        });
     }
 
     /// Routes the batch and writes it to the store in the background.
@@ -363,11 +320,7 @@ impl Source {
         if batch.is_empty() {
             return;
         }
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
+        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         let table = self.registry.snapshot();
         let mut settle = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
@@ -391,19 +344,11 @@ impl Source {
                     payload: ev.payload.clone(),
                 })
                 .collect();
-            settle.push((
-                (ev.source.topic, ev.source.partition),
-                generation,
-                ev.source.offset,
-            ));
-            events.push(NewEvent {
-                event_id: ev.id,
-                deliveries,
-            });
+            settle.push(((ev.source.topic, ev.source.partition), generation, ev.source.offset));
+            events.push(NewEvent { event_id: ev.id, deliveries });
         }
         let events = Arc::new(events);
-        let (store, offsets, shutdown) =
-            (self.store.clone(), self.offsets.clone(), shutdown.clone());
+        let (store, offsets, shutdown) = (self.store.clone(), self.offsets.clone(), shutdown.clone());
         tasks.spawn(async move {
             let _permit = permit;
             loop {
@@ -431,21 +376,22 @@ impl Source {
     }
 }
 
+/// The message's headers. rdkafka's accessors panic on a header key that is
+/// not UTF-8; such a message is dead-lettered instead of stopping the consumer.
+fn read_headers<'m>(msg: &'m BorrowedMessage<'_>) -> Result<event::Headers<'m>, InvalidEvent> {
+    let Some(h) = msg.headers() else { return Ok(Vec::new()) };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.iter().map(|h| (h.key, h.value)).collect()))
+        .map_err(|_| InvalidEvent::BadHeader("(a header key that is not UTF-8)".into()))
+}
+
 /// Keeps `health.kafka` true while the cluster answers metadata requests.
-async fn probe(
-    consumer: Arc<KafkaConsumer>,
-    topic: String,
-    health: Arc<Health>,
-    shutdown: CancellationToken,
-) {
+async fn probe(consumer: Arc<KafkaConsumer>, topic: String, health: Arc<Health>, shutdown: CancellationToken) {
     loop {
         let c = consumer.clone();
         let t = topic.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&t), Duration::from_secs(3)).is_ok()
-        })
-        .await
-        .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), Duration::from_secs(3)).is_ok())
+            .await
+            .unwrap_or(false);
         if health.kafka.swap(ok, std::sync::atomic::Ordering::AcqRel) != ok {
             if ok {
                 tracing::info!("Kafka reachable");

@@ -36,13 +36,7 @@ impl Offsets {
     /// Starts tracking a newly assigned partition.
     pub fn assign(&mut self, tp: Tp) {
         self.generations += 1;
-        self.parts.insert(
-            tp,
-            Part {
-                generation: self.generations,
-                ..Part::default()
-            },
-        );
+        self.parts.insert(tp, Part { generation: self.generations, ..Part::default() });
     }
 
     /// Stops tracking a revoked partition; returns the offset to commit for it
@@ -53,11 +47,13 @@ impl Offsets {
     }
 
     /// Records a received message; returns the generation to settle it with.
+    /// Generation 0 means "not ours": a message of a partition that is not
+    /// assigned to us is still processed, but never moves a commit.
     pub fn received(&mut self, tp: &Tp, offset: i64) -> u64 {
-        if !self.parts.contains_key(tp) {
-            self.assign(tp.clone());
-        }
-        let part = self.parts.get_mut(tp).expect("inserted above");
+        let Some(part) = self.parts.get_mut(tp) else {
+            tracing::warn!(topic = %tp.0, partition = tp.1, offset, "message from a partition not assigned to us");
+            return 0;
+        };
         part.pending.insert(offset);
         part.next = Some(part.next.map_or(offset + 1, |n| n.max(offset + 1)));
         part.generation
@@ -65,11 +61,7 @@ impl Offsets {
 
     /// Marks a message settled (ignored if its partition changed hands since).
     pub fn settled(&mut self, tp: &Tp, generation: u64, offset: i64) {
-        if let Some(part) = self
-            .parts
-            .get_mut(tp)
-            .filter(|p| p.generation == generation)
-        {
+        if let Some(part) = self.parts.get_mut(tp).filter(|p| p.generation == generation) {
             part.pending.remove(&offset);
         }
     }
@@ -78,11 +70,7 @@ impl Offsets {
     pub fn to_commit(&self) -> Vec<(Tp, i64)> {
         self.parts
             .iter()
-            .filter_map(|(tp, p)| {
-                p.committable()
-                    .filter(|c| Some(*c) != p.committed)
-                    .map(|c| (tp.clone(), c))
-            })
+            .filter_map(|(tp, p)| p.committable().filter(|c| Some(*c) != p.committed).map(|c| (tp.clone(), c)))
             .collect()
     }
 
@@ -110,10 +98,8 @@ mod tests {
     #[test]
     fn commits_stop_at_the_lowest_unsettled_offset() {
         let mut o = Offsets::default();
-        let g = (10..15)
-            .map(|off| o.received(&tp(), off))
-            .last()
-            .expect("received");
+        o.assign(tp());
+        let g = (10..15).map(|off| o.received(&tp(), off)).last().expect("received");
         assert_eq!(o.to_commit(), vec![(tp(), 10)]);
         o.settled(&tp(), g, 11);
         o.settled(&tp(), g, 12);
@@ -122,11 +108,7 @@ mod tests {
         assert_eq!(o.to_commit(), vec![(tp(), 13)]);
         o.settled(&tp(), g, 14);
         o.settled(&tp(), g, 13);
-        assert_eq!(
-            o.to_commit(),
-            vec![(tp(), 15)],
-            "all settled: one past the highest"
-        );
+        assert_eq!(o.to_commit(), vec![(tp(), 15)], "all settled: one past the highest");
         o.committed(&tp(), 15);
         assert!(o.to_commit().is_empty(), "nothing new to commit");
         assert_eq!(o.unsettled(), 0);
@@ -135,6 +117,7 @@ mod tests {
     #[test]
     fn revoked_partitions_ignore_late_settlements() {
         let mut o = Offsets::default();
+        o.assign(tp());
         let old = o.received(&tp(), 5);
         o.received(&tp(), 6);
         assert_eq!(o.revoke(&tp()), Some(5));
@@ -142,11 +125,7 @@ mod tests {
         let new = o.received(&tp(), 5);
         assert_ne!(old, new);
         o.settled(&tp(), old, 5);
-        assert_eq!(
-            o.to_commit(),
-            vec![(tp(), 5)],
-            "the old generation's settlement must not count"
-        );
+        assert_eq!(o.to_commit(), vec![(tp(), 5)], "the old generation's settlement must not count");
         o.settled(&tp(), new, 5);
         assert_eq!(o.to_commit(), vec![(tp(), 6)]);
     }
@@ -160,5 +139,14 @@ mod tests {
         o.settled(&tp(), g, 0);
         o.committed(&tp(), 1);
         assert_eq!(o.revoke(&tp()), None);
+    }
+
+    #[test]
+    fn partitions_not_assigned_never_move_a_commit() {
+        let mut o = Offsets::default();
+        let g = o.received(&tp(), 7);
+        assert_eq!(g, 0);
+        o.settled(&tp(), g, 7);
+        assert!(o.to_commit().is_empty());
     }
 }

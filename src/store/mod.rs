@@ -37,14 +37,7 @@ pub(crate) const CF_WAITING: &str = "waiting";
 pub(crate) const CF_DEAD: &str = "dead";
 pub(crate) const CF_ENDPOINTS: &str = "endpoints";
 pub(crate) const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [
-    CF_DEDUP,
-    CF_READY,
-    CF_WAITING,
-    CF_DEAD,
-    CF_ENDPOINTS,
-    CF_META,
-];
+const ALL_CFS: [&str; 6] = [CF_DEDUP, CF_READY, CF_WAITING, CF_DEAD, CF_ENDPOINTS, CF_META];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -75,10 +68,7 @@ pub enum Intake {
 
 /// What becomes of a ready delivery after an attempt.
 #[derive(Debug, Clone)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "built once per attempt and moved straight to the writer"
-)]
+#[allow(clippy::large_enum_variant, reason = "built once per attempt and moved straight to the writer")]
 pub enum Next {
     /// Delivered: forget it.
     Done,
@@ -104,14 +94,30 @@ pub struct DueItem {
 }
 
 /// Who to wake after a commit.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Wakeups {
     endpoints: RwLock<HashMap<String, Arc<Notify>>>,
     scheduler: Notify,
+    /// Earliest due time of retries scheduled since the scheduler last looked;
+    /// it reads from there even if that is below where it had got to.
+    min_new_due: AtomicI64,
+    /// Where to report deliveries for endpoints that have no worker.
+    orphans: Mutex<Option<mpsc::UnboundedSender<String>>>,
+}
+
+impl Default for Wakeups {
+    fn default() -> Self {
+        Wakeups {
+            endpoints: RwLock::default(),
+            scheduler: Notify::new(),
+            min_new_due: AtomicI64::new(i64::MAX),
+            orphans: Mutex::new(None),
+        }
+    }
 }
 
 impl Wakeups {
-    /// The notifier an endpoint worker waits on.
+    /// The notifier an endpoint worker waits on; registers the endpoint.
     pub fn endpoint(&self, id: &str) -> Arc<Notify> {
         let mut map = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
         map.entry(id.to_owned()).or_default().clone()
@@ -119,14 +125,31 @@ impl Wakeups {
     pub fn scheduler(&self) -> &Notify {
         &self.scheduler
     }
+    /// Receives the ids of endpoints that get ready deliveries but have no worker.
+    pub fn orphans(&self) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.orphans.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
+    }
+    /// The earliest due time scheduled since the last call (`i64::MAX` if none).
+    pub fn take_min_new_due(&self) -> i64 {
+        self.min_new_due.swap(i64::MAX, Ordering::AcqRel)
+    }
+    fn note_new_due(&self, due: i64) {
+        self.min_new_due.fetch_min(due, Ordering::AcqRel);
+    }
     fn wake_endpoint(&self, id: &str) {
-        if let Some(n) = self
-            .endpoints
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
-            n.notify_one();
+        let map = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+        match map.get(id) {
+            Some(n) => n.notify_one(),
+            None => {
+                drop(map);
+                // Register it so it is reported once; the new worker takes it over.
+                self.endpoint(id);
+                if let Some(tx) = self.orphans.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    let _ = tx.send(id.to_owned());
+                }
+            }
         }
     }
 }
@@ -158,9 +181,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("path", &self.db.path())
-            .finish()
+        f.debug_struct("Store").field("path", &self.db.path()).finish()
     }
 }
 
@@ -193,21 +214,12 @@ impl Store {
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
         let depth = Arc::new(Depth::default());
         depth.ready.store(count(&db, CF_READY)?, Ordering::Relaxed);
-        depth
-            .waiting
-            .store(count(&db, CF_WAITING)?, Ordering::Relaxed);
+        depth.waiting.store(count(&db, CF_WAITING)?, Ordering::Relaxed);
         let wake = Arc::new(Wakeups::default());
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(1024);
-        let writer = Writer::new(
-            db.clone(),
-            rx,
-            wake.clone(),
-            depth.clone(),
-            healthy.clone(),
-            opts.sync_writes,
-            window_ms,
-        )?;
+        let writer =
+            Writer::new(db.clone(), rx, wake.clone(), depth.clone(), healthy.clone(), opts.sync_writes, window_ms)?;
         let handle = std::thread::Builder::new()
             .name("webhookd-store".into())
             .spawn(move || writer.run())
@@ -237,15 +249,9 @@ impl Store {
         self.db.path()
     }
 
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
-    ) -> Result<T, StoreError> {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -257,12 +263,7 @@ impl Store {
 
     /// Settles a ready delivery after an attempt.
     pub async fn finish(&self, ready_key: Vec<u8>, next: Next) -> Result<(), StoreError> {
-        self.call(|reply| Op::Finish {
-            ready_key,
-            next,
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Finish { ready_key, next, reply }).await
     }
 
     /// Moves due retries back to their endpoints' ready queues.
@@ -271,14 +272,9 @@ impl Store {
     }
 
     /// Persists an endpoint's disabled state (`None` re-enables it).
-    pub async fn set_endpoint_disabled(
-        &self,
-        id: &str,
-        state: Option<serde_json::Value>,
-    ) -> Result<(), StoreError> {
+    pub async fn set_endpoint_disabled(&self, id: &str, state: Option<serde_json::Value>) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.call(|reply| Op::EndpointState { id, state, reply })
-            .await
+        self.call(|reply| Op::EndpointState { id, state, reply }).await
     }
 
     async fn read<T: Send + 'static>(
@@ -286,19 +282,20 @@ impl Store {
         f: impl FnOnce(&DB) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Up to `limit` ready deliveries of one endpoint with a sequence number above `after`.
+    /// Up to `limit` ready deliveries of one endpoint with a sequence number
+    /// above `after`, and the highest sequence number looked at (records that
+    /// cannot be decoded are quarantined and skipped, never returned).
     pub async fn load_ready(
         &self,
         endpoint: &str,
         after: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<ReadyItem>, StoreError> {
+    ) -> Result<(Vec<ReadyItem>, Option<u64>), StoreError> {
         let endpoint = endpoint.to_owned();
+        let tx = self.tx.clone();
         self.read(move |db| {
             let cf = cf(db, CF_READY);
             let start = ready_key(&endpoint, after.map_or(0, |s| s.saturating_add(1)));
@@ -308,23 +305,21 @@ impl Store {
             ro.set_iterate_lower_bound(start.clone());
             ro.set_iterate_upper_bound(end);
             let mut out = Vec::new();
-            for kv in db
-                .iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward))
-                .take(limit)
-            {
+            let mut last = None;
+            for kv in db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)).take(limit) {
                 let (k, v) = kv?;
-                let seq = u64::from_be_bytes(
-                    k[k.len() - 8..]
-                        .try_into()
-                        .map_err(|_| CorruptRecord("ready key"))?,
-                );
-                out.push(ReadyItem {
-                    seq,
-                    key: k.to_vec(),
-                    delivery: Delivery::decode(&v)?,
-                });
+                let Some(seq) = k.len().checked_sub(8).and_then(|i| k[i..].try_into().ok()).map(u64::from_be_bytes)
+                else {
+                    quarantine(&tx, CF_READY, &k, &v, "bad key");
+                    continue;
+                };
+                last = Some(seq);
+                match Delivery::decode(&v) {
+                    Ok(delivery) => out.push(ReadyItem { seq, key: k.to_vec(), delivery }),
+                    Err(e) => quarantine(&tx, CF_READY, &k, &v, e.0),
+                }
             }
-            Ok(out)
+            Ok((out, last))
         })
         .await
     }
@@ -337,6 +332,7 @@ impl Store {
         from_ms: i64,
         limit: usize,
     ) -> Result<(Vec<DueItem>, Option<i64>), StoreError> {
+        let tx = self.tx.clone();
         self.read(move |db| {
             let cf = cf(db, CF_WAITING);
             let start = (from_ms.max(0) as u64).to_be_bytes().to_vec();
@@ -345,34 +341,49 @@ impl Store {
             let mut out = Vec::new();
             for kv in db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
                 let (k, v) = kv?;
-                let due = i64::from_be_bytes(
-                    k[..8]
-                        .try_into()
-                        .map_err(|_| CorruptRecord("waiting key"))?,
-                );
+                let Some(due) = k.get(..8).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes) else {
+                    quarantine(&tx, CF_WAITING, &k, &v, "bad key");
+                    continue;
+                };
                 if due > now_ms || out.len() >= limit {
                     return Ok((out, Some(due)));
                 }
-                out.push(DueItem {
-                    key: k.to_vec(),
-                    delivery: Delivery::decode(&v)?,
-                });
+                match Delivery::decode(&v) {
+                    Ok(delivery) => out.push(DueItem { key: k.to_vec(), delivery }),
+                    Err(e) => quarantine(&tx, CF_WAITING, &k, &v, e.0),
+                }
             }
             Ok((out, None))
         })
         .await
     }
 
+    /// The endpoint ids that have ready deliveries: one seek per endpoint, not a scan.
+    pub async fn ready_endpoints(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|db| {
+            let mut out = Vec::new();
+            let mut it = db.raw_iterator_cf(cf(db, CF_READY));
+            it.seek_to_first();
+            while let Some(k) = it.key() {
+                let id = k.split(|b| *b == 0).next().unwrap_or_default().to_vec();
+                let mut next = id.clone();
+                next.push(1);
+                out.push(String::from_utf8_lossy(&id).into_owned());
+                it.seek(&next);
+            }
+            it.status()?;
+            Ok(out)
+        })
+        .await
+    }
+
     /// Disabled endpoints and their recorded state.
-    pub async fn disabled_endpoints(
-        &self,
-    ) -> Result<HashMap<String, serde_json::Value>, StoreError> {
+    pub async fn disabled_endpoints(&self) -> Result<HashMap<String, serde_json::Value>, StoreError> {
         self.read(|db| {
             let mut out = HashMap::new();
             for kv in db.iterator_cf(cf(db, CF_ENDPOINTS), IteratorMode::Start) {
                 let (k, v) = kv?;
-                let state =
-                    serde_json::from_slice(&v).map_err(|_| CorruptRecord("endpoint state"))?;
+                let state = serde_json::from_slice(&v).map_err(|_| CorruptRecord("endpoint state"))?;
                 out.insert(String::from_utf8_lossy(&k).into_owned(), state);
             }
             Ok(out)
@@ -384,10 +395,7 @@ impl Store {
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<serde_json::Value>, StoreError> {
         self.read(move |db| {
             let mut out = Vec::new();
-            for kv in db
-                .iterator_cf(cf(db, CF_DEAD), IteratorMode::Start)
-                .take(limit)
-            {
+            for kv in db.iterator_cf(cf(db, CF_DEAD), IteratorMode::Start).take(limit) {
                 let (_, v) = kv?;
                 out.push(serde_json::from_slice(&v).map_err(|_| CorruptRecord("dead letter"))?);
             }
@@ -400,12 +408,7 @@ impl Store {
     pub async fn seen(&self, event_id: &str) -> Result<bool, StoreError> {
         let id = event_id.to_owned();
         let window = self.dedup_window_ms;
-        self.read(move |db| {
-            Ok(db
-                .get_cf(cf(db, CF_DEDUP), id)?
-                .is_some_and(|v| !expired(&v, window, now_ms())))
-        })
-        .await
+        self.read(move |db| Ok(db.get_cf(cf(db, CF_DEDUP), id)?.is_some_and(|v| !expired(&v, window, now_ms())))).await
     }
 
     /// Stops the writer after it has applied everything queued before this call.
@@ -418,9 +421,16 @@ impl Store {
     }
 }
 
+/// Hands an undecodable record to the writer to move into the dead index.
+/// Called from the blocking read pool.
+fn quarantine(tx: &mpsc::Sender<Op>, cf_name: &'static str, key: &[u8], raw: &[u8], why: &str) {
+    tracing::error!(column_family = cf_name, key = %hex::encode(key), why, "corrupt record: moved to the dead-letter index");
+    metrics::counter!(crate::telemetry::metrics::STORE_CORRUPT_RECORDS).increment(1);
+    let _ = tx.blocking_send(Op::Quarantine { cf_name, key: key.to_vec(), raw: raw.to_vec() });
+}
+
 pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
-    db.cf_handle(name)
-        .expect("column families are created at open")
+    db.cf_handle(name).expect("column families are created at open")
 }
 
 pub(crate) fn ready_key(endpoint: &str, seq: u64) -> Vec<u8> {
@@ -458,10 +468,7 @@ fn count(db: &DB, name: &str) -> Result<i64, StoreError> {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -477,11 +484,7 @@ mod tests {
             event_id: event.into(),
             event_type: "T".into(),
             event_time_ms: 0,
-            source: SourcePos {
-                topic: "t".into(),
-                partition: 0,
-                offset: 0,
-            },
+            source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
             attempts: 0,
             first_attempt_ms: 0,
             last_attempt_ms: 0,
@@ -493,62 +496,31 @@ mod tests {
     }
 
     fn new_event(id: &str, endpoints: &[&str]) -> NewEvent {
-        NewEvent {
-            event_id: id.into(),
-            deliveries: endpoints.iter().map(|e| delivery(id, e)).collect(),
-        }
+        NewEvent { event_id: id.into(), deliveries: endpoints.iter().map(|e| delivery(id, e)).collect() }
     }
 
     fn open(dir: &Path, window: Duration) -> Store {
-        Store::open(
-            dir,
-            StoreOptions {
-                dedup_window: window,
-                sync_writes: true,
-            },
-        )
-        .expect("open")
+        Store::open(dir, StoreOptions { dedup_window: window, sync_writes: true }).expect("open")
     }
 
     #[tokio::test]
     async fn intake_dedups_within_a_batch_and_across_batches() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(3600));
-        let r = s
-            .intake(Arc::new(vec![
-                new_event("e1", &["a", "b"]),
-                new_event("e1", &["a"]),
-                new_event("e2", &[]),
-            ]))
-            .await;
-        assert_eq!(
-            r.expect("intake"),
-            vec![Intake::Accepted(2), Intake::Duplicate, Intake::Accepted(0)]
-        );
-        let r = s
-            .intake(Arc::new(vec![
-                new_event("e2", &["a"]),
-                new_event("e3", &["a"]),
-            ]))
-            .await;
-        assert_eq!(
-            r.expect("intake"),
-            vec![Intake::Duplicate, Intake::Accepted(1)]
-        );
+        let r =
+            s.intake(Arc::new(vec![new_event("e1", &["a", "b"]), new_event("e1", &["a"]), new_event("e2", &[])])).await;
+        assert_eq!(r.expect("intake"), vec![Intake::Accepted(2), Intake::Duplicate, Intake::Accepted(0)]);
+        let r = s.intake(Arc::new(vec![new_event("e2", &["a"]), new_event("e3", &["a"])])).await;
+        assert_eq!(r.expect("intake"), vec![Intake::Duplicate, Intake::Accepted(1)]);
         assert_eq!(s.depth().ready.load(Ordering::Relaxed), 3);
-        let a = s.load_ready("a", None, 10).await.expect("load");
+        let (a, _) = s.load_ready("a", None, 10).await.expect("load");
         assert_eq!(
-            a.iter()
-                .map(|i| i.delivery.event_id.as_str())
-                .collect::<Vec<_>>(),
+            a.iter().map(|i| i.delivery.event_id.as_str()).collect::<Vec<_>>(),
             ["e1", "e3"],
             "FIFO per endpoint"
         );
         assert_eq!(
-            s.load_ready("a", Some(a[0].seq), 10)
-                .await
-                .expect("load")
-                .len(),
+            s.load_ready("a", Some(a[0].seq), 10).await.expect("load").0.len(),
             1,
             "the cursor skips what was loaded"
         );
@@ -559,39 +531,21 @@ mod tests {
     async fn expired_dedup_keys_are_ignored_and_compacted_away() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_millis(1));
-        s.intake(Arc::new(vec![new_event("old", &[])]))
-            .await
-            .expect("intake");
+        s.intake(Arc::new(vec![new_event("old", &[])])).await.expect("intake");
         // The window is the feature under test: real time has to pass it.
         std::thread::sleep(Duration::from_millis(5));
         assert!(!s.seen("old").await.expect("read"), "outside the window");
         s.db.compact_range_cf(cf(&s.db, CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
-        assert_eq!(
-            s.db.get_cf(cf(&s.db, CF_DEDUP), "old").expect("get"),
-            None,
-            "the compaction filter dropped it"
-        );
-        let r = s
-            .intake(Arc::new(vec![new_event("old", &["a"])]))
-            .await
-            .expect("intake");
-        assert_eq!(
-            r,
-            vec![Intake::Accepted(1)],
-            "an id outside the window is delivered again"
-        );
+        assert_eq!(s.db.get_cf(cf(&s.db, CF_DEDUP), "old").expect("get"), None, "the compaction filter dropped it");
+        let r = s.intake(Arc::new(vec![new_event("old", &["a"])])).await.expect("intake");
+        assert_eq!(r, vec![Intake::Accepted(1)], "an id outside the window is delivered again");
         s.close().await;
         drop(s);
 
         let s = open(dir.path(), Duration::from_secs(3600));
-        s.intake(Arc::new(vec![new_event("fresh", &[])]))
-            .await
-            .expect("intake");
+        s.intake(Arc::new(vec![new_event("fresh", &[])])).await.expect("intake");
         s.db.compact_range_cf(cf(&s.db, CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
-        assert!(
-            s.seen("fresh").await.expect("read"),
-            "inside the window it survives compaction"
-        );
+        assert!(s.seen("fresh").await.expect("read"), "inside the window it survives compaction");
         s.close().await;
     }
 
@@ -599,43 +553,18 @@ mod tests {
     async fn finish_reschedule_promote_and_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(3600));
-        s.intake(Arc::new(vec![
-            new_event("e1", &["a"]),
-            new_event("e2", &["a"]),
-            new_event("e3", &["a"]),
-        ]))
-        .await
-        .expect("intake");
-        let items = s.load_ready("a", None, 10).await.expect("load");
+        s.intake(Arc::new(vec![new_event("e1", &["a"]), new_event("e2", &["a"]), new_event("e3", &["a"])]))
+            .await
+            .expect("intake");
+        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
         let mut d = items[1].delivery.clone();
         d.attempts = 1;
-        s.finish(items[0].key.clone(), Next::Done)
+        s.finish(items[0].key.clone(), Next::Done).await.expect("done");
+        s.finish(items[1].key.clone(), Next::Wait { due_ms: now_ms() - 10, delivery: d }).await.expect("wait");
+        s.finish(items[2].key.clone(), Next::Dead { record: b"{\"reason\":\"rejected\"}".to_vec() })
             .await
-            .expect("done");
-        s.finish(
-            items[1].key.clone(),
-            Next::Wait {
-                due_ms: now_ms() - 10,
-                delivery: d,
-            },
-        )
-        .await
-        .expect("wait");
-        s.finish(
-            items[2].key.clone(),
-            Next::Dead {
-                record: b"{\"reason\":\"rejected\"}".to_vec(),
-            },
-        )
-        .await
-        .expect("dead");
-        assert_eq!(
-            (
-                s.depth().ready.load(Ordering::Relaxed),
-                s.depth().waiting.load(Ordering::Relaxed)
-            ),
-            (0, 1)
-        );
+            .expect("dead");
+        assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (0, 1));
         assert_eq!(s.dead_letters(10).await.expect("dead").len(), 1);
         let last_seq = items[2].seq;
         s.close().await;
@@ -648,20 +577,11 @@ mod tests {
         let (due, next) = s.due(now_ms(), 0, 10).await.expect("due");
         assert_eq!((due.len(), next), (1, None));
         s.promote(due).await.expect("promote");
-        let ready = s.load_ready("a", None, 10).await.expect("load");
+        let (ready, _) = s.load_ready("a", None, 10).await.expect("load");
         assert_eq!(ready.len(), 1);
         assert_eq!(ready[0].delivery.attempts, 1, "the retry keeps its history");
-        assert!(
-            ready[0].seq > last_seq,
-            "sequence numbers continue after a restart"
-        );
-        assert_eq!(
-            (
-                s.depth().ready.load(Ordering::Relaxed),
-                s.depth().waiting.load(Ordering::Relaxed)
-            ),
-            (1, 0)
-        );
+        assert!(ready[0].seq > last_seq, "sequence numbers continue after a restart");
+        assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (1, 0));
         s.close().await;
     }
 
@@ -669,18 +589,58 @@ mod tests {
     async fn endpoint_state_persists() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(60));
-        s.set_endpoint_disabled("a", Some(serde_json::json!({"reason": "gone"})))
-            .await
-            .expect("disable");
+        s.set_endpoint_disabled("a", Some(serde_json::json!({"reason": "gone"}))).await.expect("disable");
         s.close().await;
         drop(s);
         let s = open(dir.path(), Duration::from_secs(60));
-        assert_eq!(
-            s.disabled_endpoints().await.expect("read")["a"]["reason"],
-            "gone"
-        );
+        assert_eq!(s.disabled_endpoints().await.expect("read")["a"]["reason"], "gone");
         s.set_endpoint_disabled("a", None).await.expect("enable");
         assert!(s.disabled_endpoints().await.expect("read").is_empty());
+        s.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_is_quarantined_not_a_blocker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(60));
+        s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
+        // A record no version of webhookd wrote, between two good ones.
+        s.db.put_cf(cf(&s.db, CF_READY), ready_key("a", 1_000_000), b"\x07garbage").expect("put");
+        s.db.put_cf(cf(&s.db, CF_READY), ready_key("a", 1_000_001), delivery("e2", "a").encode()).expect("put");
+        let (items, scanned_to) = s.load_ready("a", None, 10).await.expect("load");
+        assert_eq!(items.iter().map(|i| i.delivery.event_id.as_str()).collect::<Vec<_>>(), ["e1", "e2"]);
+        assert_eq!(scanned_to, Some(1_000_001));
+        // The quarantine goes through the writer: wait for it by closing.
+        s.close().await;
+        let dead: Vec<serde_json::Value> = s.dead_letters(10).await.expect("dead");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0]["reason"], "corrupt_record");
+        assert_eq!(dead[0]["column_family"], "ready");
+        assert_eq!(s.db.get_cf(cf(&s.db, CF_READY), ready_key("a", 1_000_000)).expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn ready_endpoints_lists_each_endpoint_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(60));
+        s.intake(Arc::new(vec![new_event("e1", &["a", "b"]), new_event("e2", &["a", "c"])])).await.expect("intake");
+        assert_eq!(s.ready_endpoints().await.expect("scan"), ["a", "b", "c"]);
+        s.close().await;
+    }
+
+    #[tokio::test]
+    async fn retries_scheduled_below_the_scheduler_position_are_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(60));
+        s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
+        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
+        assert_eq!(s.wakeups().take_min_new_due(), i64::MAX, "nothing scheduled yet");
+        let before = now_ms();
+        let d = items[0].delivery.clone();
+        s.finish(items[0].key.clone(), Next::Wait { due_ms: before - 60_000, delivery: d }).await.expect("wait");
+        let reported = s.wakeups().take_min_new_due();
+        assert!((before..=now_ms()).contains(&reported), "a due time in the past is clamped to now and reported");
+        assert_eq!(s.wakeups().take_min_new_due(), i64::MAX, "reported once");
         s.close().await;
     }
 }

@@ -38,13 +38,7 @@ impl Delivery {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = BytesMut::with_capacity(128 + self.payload.len());
         b.put_u8(VERSION);
-        for s in [
-            &self.webhook_id,
-            &self.endpoint_id,
-            &self.event_id,
-            &self.event_type,
-            &self.source.topic,
-        ] {
+        for s in [&self.webhook_id, &self.endpoint_id, &self.event_id, &self.event_type, &self.source.topic] {
             put_str(&mut b, s);
         }
         b.put_i32(self.source.partition);
@@ -100,11 +94,7 @@ impl Delivery {
             event_id,
             event_type,
             event_time_ms,
-            source: SourcePos {
-                topic,
-                partition,
-                offset,
-            },
+            source: SourcePos { topic, partition, offset },
             attempts,
             first_attempt_ms,
             last_attempt_ms,
@@ -122,11 +112,7 @@ fn put_str(b: &mut BytesMut, s: &str) {
 }
 
 fn need(b: &[u8], n: usize) -> Result<(), CorruptRecord> {
-    if b.remaining() < n {
-        Err(CorruptRecord("truncated"))
-    } else {
-        Ok(())
-    }
+    if b.remaining() < n { Err(CorruptRecord("truncated")) } else { Ok(()) }
 }
 
 fn get_u8(b: &mut &[u8]) -> Result<u8, CorruptRecord> {
@@ -138,9 +124,7 @@ fn get_str(b: &mut &[u8]) -> Result<String, CorruptRecord> {
     need(b, 4)?;
     let len = b.get_u32() as usize;
     need(b, len)?;
-    let s = std::str::from_utf8(&b[..len])
-        .map_err(|_| CorruptRecord("string is not UTF-8"))?
-        .to_owned();
+    let s = std::str::from_utf8(&b[..len]).map_err(|_| CorruptRecord("string is not UTF-8"))?.to_owned();
     b.advance(len);
     Ok(s)
 }
@@ -156,11 +140,7 @@ mod tests {
             event_id: "evt_1".into(),
             event_type: "ContactCreate".into(),
             event_time_ms: 1_700_000_000_000,
-            source: SourcePos {
-                topic: "events".into(),
-                partition: 3,
-                offset: 42,
-            },
+            source: SourcePos { topic: "events".into(), partition: 3, offset: 42 },
             attempts: 2,
             first_attempt_ms: 5,
             last_attempt_ms: 9,

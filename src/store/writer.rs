@@ -9,8 +9,8 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, Depth, DueItem, Intake,
-    NewEvent, Next, StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
+    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, Depth, DueItem, Intake, NewEvent, Next, StoreError,
+    Wakeups, cf, expired, now_ms, ready_key, seq_key,
 };
 use crate::telemetry::metrics as m;
 
@@ -22,10 +22,7 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// Sends an operation's answer once its group's write has succeeded or failed.
 type Answer = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 
-#[allow(
-    clippy::large_enum_variant,
-    reason = "each op is moved once through the channel; boxing would allocate per op"
-)]
+#[allow(clippy::large_enum_variant, reason = "each op is moved once through the channel; boxing would allocate per op")]
 pub(super) enum Op {
     Intake {
         events: Arc<Vec<NewEvent>>,
@@ -39,6 +36,12 @@ pub(super) enum Op {
     Promote {
         due: Vec<DueItem>,
         reply: Reply<()>,
+    },
+    /// Moves an undecodable record out of the way, into the dead-letter index.
+    Quarantine {
+        cf_name: &'static str,
+        key: Vec<u8>,
+        raw: Vec<u8>,
     },
     EndpointState {
         id: String,
@@ -70,6 +73,8 @@ struct Group {
     ready_delta: i64,
     waiting_delta: i64,
     dedup_added: HashSet<String>,
+    /// Earliest due time among retries this group schedules.
+    min_new_due: Option<i64>,
 }
 
 impl Writer {
@@ -86,16 +91,7 @@ impl Writer {
             Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8])) + 1,
             None => 1,
         };
-        Ok(Writer {
-            db,
-            rx,
-            wake,
-            depth,
-            healthy,
-            sync_writes,
-            dedup_window_ms,
-            next_seq,
-        })
+        Ok(Writer { db, rx, wake, depth, healthy, sync_writes, dedup_window_ms, next_seq })
     }
 
     pub(super) fn run(mut self) {
@@ -123,11 +119,7 @@ impl Writer {
                 continue;
             }
             if self.next_seq != seq_before {
-                g.batch.put_cf(
-                    cf(&self.db, CF_META),
-                    META_SEQ,
-                    (self.next_seq - 1).to_be_bytes(),
-                );
+                g.batch.put_cf(cf(&self.db, CF_META), META_SEQ, (self.next_seq - 1).to_be_bytes());
             }
             let mut wo = WriteOptions::default();
             wo.set_sync(g.sync);
@@ -135,13 +127,8 @@ impl Writer {
             match &result {
                 Ok(()) => {
                     self.healthy.store(true, Ordering::Release);
-                    let ready =
-                        self.depth.ready.fetch_add(g.ready_delta, Ordering::AcqRel) + g.ready_delta;
-                    let waiting = self
-                        .depth
-                        .waiting
-                        .fetch_add(g.waiting_delta, Ordering::AcqRel)
-                        + g.waiting_delta;
+                    let ready = self.depth.ready.fetch_add(g.ready_delta, Ordering::AcqRel) + g.ready_delta;
+                    let waiting = self.depth.waiting.fetch_add(g.waiting_delta, Ordering::AcqRel) + g.waiting_delta;
                     metrics::gauge!(m::OUTBOX_READY).set(ready as f64);
                     metrics::gauge!(m::OUTBOX_WAITING).set(waiting as f64);
                 }
@@ -155,6 +142,9 @@ impl Writer {
                 reply(result.as_ref().map(|_| ()));
             }
             if result.is_ok() {
+                if let Some(due) = g.min_new_due {
+                    self.wake.note_new_due(due);
+                }
                 for id in &g.wake_endpoints {
                     self.wake.wake_endpoint(id);
                 }
@@ -182,19 +172,16 @@ impl Writer {
                     let _ = reply.send(Err(e));
                 }
             },
-            Op::Finish {
-                ready_key,
-                next,
-                reply,
-            } => {
+            Op::Finish { ready_key, next, reply } => {
                 g.batch.delete_cf(cf(&self.db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
                 match next {
                     Next::Done => {}
                     Next::Wait { due_ms, delivery } => {
-                        let key = seq_key(due_ms.max(now_ms()), self.seq());
-                        g.batch
-                            .put_cf(cf(&self.db, CF_WAITING), key, delivery.encode());
+                        let due = due_ms.max(now_ms());
+                        g.min_new_due = Some(g.min_new_due.map_or(due, |m| m.min(due)));
+                        let key = seq_key(due, self.seq());
+                        g.batch.put_cf(cf(&self.db, CF_WAITING), key, delivery.encode());
                         g.waiting_delta += 1;
                         g.wake_scheduler = true;
                     }
@@ -210,8 +197,7 @@ impl Writer {
                     g.batch.delete_cf(cf(&self.db, CF_WAITING), &item.key);
                     g.waiting_delta -= 1;
                     let key = ready_key(&item.delivery.endpoint_id, self.seq());
-                    g.batch
-                        .put_cf(cf(&self.db, CF_READY), key, item.delivery.encode());
+                    g.batch.put_cf(cf(&self.db, CF_READY), key, item.delivery.encode());
                     g.ready_delta += 1;
                     g.wake_endpoints.insert(item.delivery.endpoint_id);
                 }
@@ -226,35 +212,48 @@ impl Writer {
                 g.wake_endpoints.insert(id);
                 g.replies.push(simple(reply));
             }
+            Op::Quarantine { cf_name, key, raw } => {
+                g.batch.delete_cf(cf(&self.db, cf_name), &key);
+                match cf_name {
+                    CF_READY => g.ready_delta -= 1,
+                    CF_WAITING => g.waiting_delta -= 1,
+                    _ => {}
+                }
+                let record = serde_json::json!({
+                    "reason": "corrupt_record",
+                    "column_family": cf_name,
+                    "key_hex": hex::encode(&key),
+                    "raw_base64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &raw),
+                });
+                let dead_key = seq_key(now_ms(), self.seq());
+                g.batch.put_cf(cf(&self.db, CF_DEAD), dead_key, record.to_string());
+                g.replies.push(Box::new(|_| {}));
+            }
             Op::Close => {}
         }
     }
 
-    fn intake(
-        &mut self,
-        events: Arc<Vec<NewEvent>>,
-        g: &mut Group,
-    ) -> Result<Vec<Intake>, StoreError> {
+    fn intake(&mut self, events: Arc<Vec<NewEvent>>, g: &mut Group) -> Result<Vec<Intake>, StoreError> {
         let db = self.db.clone();
         let dedup = cf(&db, CF_DEDUP);
-        let found = db.multi_get_cf(events.iter().map(|e| (dedup, e.event_id.as_bytes())));
+        // Resolve every read before touching the batch, so an error leaves no partial write.
+        let found = db
+            .multi_get_cf(events.iter().map(|e| (dedup, e.event_id.as_bytes())))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         let now = now_ms();
         let mut results = Vec::with_capacity(events.len());
         let mut pending: HashMap<&str, ()> = HashMap::new();
         for (event, prior) in events.iter().zip(found) {
-            let seen = match prior? {
+            let seen = match prior {
                 Some(v) => !expired(&v, self.dedup_window_ms, now),
                 None => false,
             };
-            if seen
-                || g.dedup_added.contains(&event.event_id)
-                || pending.insert(&event.event_id, ()).is_some()
-            {
+            if seen || g.dedup_added.contains(&event.event_id) || pending.insert(&event.event_id, ()).is_some() {
                 results.push(Intake::Duplicate);
                 continue;
             }
-            g.batch
-                .put_cf(dedup, event.event_id.as_bytes(), now.to_be_bytes());
+            g.batch.put_cf(dedup, event.event_id.as_bytes(), now.to_be_bytes());
             for d in &event.deliveries {
                 let key = ready_key(&d.endpoint_id, self.seq());
                 g.batch.put_cf(cf(&db, CF_READY), key, d.encode());

@@ -15,12 +15,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
 
-/// What readiness is made of. The source sets `kafka`; the store reports its own health.
-#[derive(Debug, Default)]
+/// What readiness is made of. The source sets `kafka`, the dead-letter
+/// producer `dead_letters`; the store reports its own health.
+#[derive(Debug)]
 pub struct Health {
     pub kafka: AtomicBool,
+    /// False while dead letters cannot be produced (their messages then hold
+    /// their partitions' commits, or wait in the retry schedule).
+    pub dead_letters: AtomicBool,
     pub started: AtomicBool,
     pub stopping: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            kafka: AtomicBool::new(false),
+            dead_letters: AtomicBool::new(true),
+            started: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Health {
@@ -28,6 +43,7 @@ impl Health {
         vec![
             ("kafka", self.kafka.load(Ordering::Acquire)),
             ("store", store.is_healthy()),
+            ("dead_letter_topic", self.dead_letters.load(Ordering::Acquire)),
             ("started", self.started.load(Ordering::Acquire)),
             ("not_stopping", !self.stopping.load(Ordering::Acquire)),
         ]
@@ -59,25 +75,15 @@ pub async fn bind(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState {
-            prom,
-            health,
-            store,
-        });
+        .with_state(AdminState { prom, health, store });
     let serve = async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
     };
     Ok((local, serve))
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.prom.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.prom.render()).into_response()
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
@@ -87,10 +93,6 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         "ready": ready,
         "checks": checks.iter().map(|(k, ok)| (k.to_string(), serde_json::Value::Bool(*ok))).collect::<serde_json::Map<_, _>>(),
     });
-    let code = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(body)).into_response()
 }

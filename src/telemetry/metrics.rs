@@ -38,73 +38,30 @@ pub const ENDPOINT_ENABLED: &str = "webhookd_endpoint_enabled";
 pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
 /// Failed RocksDB writes.
 pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";
+/// Stored records that could not be decoded and were quarantined.
+pub const STORE_CORRUPT_RECORDS: &str = "webhookd_store_corrupt_records_total";
 
-const ATTEMPT_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+const ATTEMPT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 fn describe() {
-    describe_counter!(
-        EVENTS_CONSUMED,
-        Unit::Count,
-        "Kafka messages read from the source topics."
-    );
-    describe_counter!(
-        EVENTS_DUPLICATE,
-        Unit::Count,
-        "Events dropped as duplicates within the dedup window."
-    );
-    describe_counter!(
-        EVENTS_INVALID,
-        Unit::Count,
-        "Messages that could not be decoded, by reason."
-    );
-    describe_counter!(
-        DELIVERIES,
-        Unit::Count,
-        "Delivery attempts by endpoint and outcome."
-    );
-    describe_histogram!(
-        ATTEMPT_DURATION,
-        Unit::Seconds,
-        "Delivery attempt duration, connect to last body byte."
-    );
-    describe_counter!(
-        RETRIES_SCHEDULED,
-        Unit::Count,
-        "Retries written to the retry schedule."
-    );
-    describe_counter!(
-        DEAD_LETTERS,
-        Unit::Count,
-        "Dead letters produced, by reason."
-    );
+    describe_counter!(EVENTS_CONSUMED, Unit::Count, "Kafka messages read from the source topics.");
+    describe_counter!(EVENTS_DUPLICATE, Unit::Count, "Events dropped as duplicates within the dedup window.");
+    describe_counter!(EVENTS_INVALID, Unit::Count, "Messages that could not be decoded, by reason.");
+    describe_counter!(DELIVERIES, Unit::Count, "Delivery attempts by endpoint and outcome.");
+    describe_histogram!(ATTEMPT_DURATION, Unit::Seconds, "Delivery attempt duration, connect to last body byte.");
+    describe_counter!(RETRIES_SCHEDULED, Unit::Count, "Retries written to the retry schedule.");
+    describe_counter!(DEAD_LETTERS, Unit::Count, "Dead letters produced, by reason.");
     describe_gauge!(OUTBOX_READY, Unit::Count, "Deliveries due now.");
-    describe_gauge!(
-        OUTBOX_WAITING,
-        Unit::Count,
-        "Deliveries waiting in the retry schedule."
-    );
-    describe_counter!(
-        RATE_LIMITED,
-        Unit::Count,
-        "Attempts delayed by the endpoint's rate limit."
-    );
+    describe_gauge!(OUTBOX_WAITING, Unit::Count, "Deliveries waiting in the retry schedule.");
+    describe_counter!(RATE_LIMITED, Unit::Count, "Attempts delayed by the endpoint's rate limit.");
     describe_gauge!(IN_FLIGHT, Unit::Count, "Delivery attempts under way.");
-    describe_gauge!(
-        ENDPOINT_ENABLED,
-        Unit::Count,
-        "1 if the endpoint is enabled, 0 if disabled."
-    );
+    describe_gauge!(ENDPOINT_ENABLED, Unit::Count, "1 if the endpoint is enabled, 0 if disabled.");
+    describe_counter!(OFFSET_COMMITS, Unit::Count, "Kafka offset commits by result.");
+    describe_counter!(STORE_WRITE_ERRORS, Unit::Count, "RocksDB write batches that failed.");
     describe_counter!(
-        OFFSET_COMMITS,
+        STORE_CORRUPT_RECORDS,
         Unit::Count,
-        "Kafka offset commits by result."
-    );
-    describe_counter!(
-        STORE_WRITE_ERRORS,
-        Unit::Count,
-        "RocksDB write batches that failed."
+        "Stored records that could not be decoded and were quarantined."
     );
 }
 

@@ -12,9 +12,7 @@ use crate::helpers::*;
 
 /// Standard Webhooks, computed here from the specification, not by webhookd.
 fn expected_signature(secret: &str, id: &str, ts: &str, body: &[u8]) -> String {
-    let key = B64
-        .decode(secret.strip_prefix("whsec_").expect("prefix"))
-        .expect("base64");
+    let key = B64.decode(secret.strip_prefix("whsec_").expect("prefix")).expect("base64");
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("key");
     mac.update(format!("{id}.{ts}.").as_bytes());
     mac.update(body);
@@ -37,40 +35,24 @@ async fn a_delivery_is_signed_per_standard_webhooks() {
 
     let hit = rx.wait_for(1).await.remove(0);
     assert_eq!(hit.path, "/hook");
-    assert_eq!(
-        &hit.body[..],
-        &body[..],
-        "the event is delivered byte for byte"
-    );
+    assert_eq!(&hit.body[..], &body[..], "the event is delivered byte for byte");
     assert_eq!(hit.header("content-type"), "application/json");
     assert!(hit.header("user-agent").starts_with("webhookd/"));
     let id = hit.header("webhook-id");
     assert!(id.starts_with("msg_"), "{id}");
     let ts = hit.header("webhook-timestamp");
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    assert!(
-        (now - ts.parse::<i64>().expect("unix seconds")).abs() < 60,
-        "timestamp {ts} is not now"
-    );
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    assert!((now - ts.parse::<i64>().expect("unix seconds")).abs() < 60, "timestamp {ts} is not now");
     let sigs: Vec<&str> = hit.header("webhook-signature").split(' ').collect();
     assert_eq!(
         sigs,
-        vec![
-            expected_signature(SECRET_A, id, ts, body),
-            expected_signature(SECRET_B, id, ts, body)
-        ],
+        vec![expected_signature(SECRET_A, id, ts, body), expected_signature(SECRET_B, id, ts, body)],
         "one signature per active secret, space-separated"
     );
     let key = B64.decode(&SECRET_A[6..]).expect("key");
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("key");
     mac.update(body);
-    assert_eq!(
-        hit.header("x-hmac-signature"),
-        hex::encode(mac.finalize().into_bytes())
-    );
+    assert_eq!(hit.header("x-hmac-signature"), hex::encode(mac.finalize().into_bytes()));
     d.stop().await;
 }
 
@@ -81,47 +63,21 @@ async fn a_republished_event_is_not_delivered_twice_even_after_a_restart() {
     let rx = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     // One in flight, so deliveries arrive in the order events were published.
-    let cfg = config(
-        &kafka,
-        &topic,
-        dir.path(),
-        FAST_RETRY,
-        &endpoint("a", &rx.url("/"), "max_in_flight = 1"),
-    );
+    let cfg = config(&kafka, &topic, dir.path(), FAST_RETRY, &endpoint("a", &rx.url("/"), "max_in_flight = 1"));
     let d = Daemon::start(&cfg).await;
-    kafka
-        .produce(&topic, None, &event("evt_dup", "ContactCreate"))
-        .await;
-    kafka
-        .produce(&topic, None, &event("evt_dup", "ContactUpdate"))
-        .await;
-    kafka
-        .produce(&topic, None, &event("evt_sentinel_1", "NoteCreate"))
-        .await;
-    rx.wait_until("the first sentinel", |h| {
-        h.iter().any(|h| h.event_id() == "evt_sentinel_1")
-    })
-    .await;
+    kafka.produce(&topic, None, &event("evt_dup", "ContactCreate")).await;
+    kafka.produce(&topic, None, &event("evt_dup", "ContactUpdate")).await;
+    kafka.produce(&topic, None, &event("evt_sentinel_1", "NoteCreate")).await;
+    rx.wait_until("the first sentinel", |h| h.iter().any(|h| h.event_id() == "evt_sentinel_1")).await;
     assert!(d.metric("webhookd_events_duplicate_total").await >= 1.0);
     d.stop().await;
 
     let d = Daemon::start(&cfg).await;
-    kafka
-        .produce(&topic, None, &event("evt_dup", "ContactDelete"))
-        .await;
-    kafka
-        .produce(&topic, None, &event("evt_sentinel_2", "NoteCreate"))
-        .await;
-    let hits = rx
-        .wait_until("the second sentinel", |h| {
-            h.iter().any(|h| h.event_id() == "evt_sentinel_2")
-        })
-        .await;
+    kafka.produce(&topic, None, &event("evt_dup", "ContactDelete")).await;
+    kafka.produce(&topic, None, &event("evt_sentinel_2", "NoteCreate")).await;
+    let hits = rx.wait_until("the second sentinel", |h| h.iter().any(|h| h.event_id() == "evt_sentinel_2")).await;
     let dups = hits.iter().filter(|h| h.event_id() == "evt_dup").count();
-    assert_eq!(
-        dups, 1,
-        "evt_dup was published three times and must arrive once"
-    );
+    assert_eq!(dups, 1, "evt_dup was published three times and must arrive once");
     assert_eq!(hits.len(), 3);
     d.stop().await;
 }
@@ -132,40 +88,13 @@ async fn failures_are_retried_with_the_same_webhook_id_until_success() {
     let topic = kafka.topic("retry", 1).await;
     let rx = Receiver::start(|h: &Hit| Reply::status(if h.attempt <= 2 { 503 } else { 200 })).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(&config(
-        &kafka,
-        &topic,
-        dir.path(),
-        FAST_RETRY,
-        &endpoint("a", &rx.url("/"), ""),
-    ))
-    .await;
-    kafka
-        .produce(&topic, None, &event("evt_retry", "ContactCreate"))
-        .await;
-    let hits = rx
-        .wait_until("a 200 after two 503s", |h| {
-            h.iter().any(|h| h.status == 200)
-        })
-        .await;
-    assert_eq!(
-        hits.iter().map(|h| h.status).collect::<Vec<_>>(),
-        vec![503, 503, 200]
-    );
-    assert!(
-        hits.iter().all(|h| h.webhook_id == hits[0].webhook_id),
-        "webhook-id is stable across retries"
-    );
-    assert_eq!(
-        d.metric("webhookd_retries_scheduled_total{endpoint=\"a\"}")
-            .await,
-        2.0
-    );
-    assert_eq!(
-        d.metric("webhookd_deliveries_total{endpoint=\"a\",outcome=\"delivered\"}")
-            .await,
-        1.0
-    );
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &endpoint("a", &rx.url("/"), ""))).await;
+    kafka.produce(&topic, None, &event("evt_retry", "ContactCreate")).await;
+    let hits = rx.wait_until("a 200 after two 503s", |h| h.iter().any(|h| h.status == 200)).await;
+    assert_eq!(hits.iter().map(|h| h.status).collect::<Vec<_>>(), vec![503, 503, 200]);
+    assert!(hits.iter().all(|h| h.webhook_id == hits[0].webhook_id), "webhook-id is stable across retries");
+    assert_eq!(d.metric("webhookd_retries_scheduled_total{endpoint=\"a\"}").await, 2.0);
+    assert_eq!(d.metric("webhookd_deliveries_total{endpoint=\"a\",outcome=\"delivered\"}").await, 1.0);
     d.stop().await;
 }
 
@@ -175,14 +104,7 @@ async fn a_400_is_dead_lettered_at_once_with_its_history() {
     let topic = kafka.topic("status400", 1).await;
     let rx = Receiver::start(|_: &Hit| Reply::status(400)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(&config(
-        &kafka,
-        &topic,
-        dir.path(),
-        FAST_RETRY,
-        &endpoint("a", &rx.url("/"), ""),
-    ))
-    .await;
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &endpoint("a", &rx.url("/"), ""))).await;
     let body = event("evt_400", "InvoicePaid");
     kafka.produce(&topic, None, &body).await;
     let dead = kafka.read(&format!("{topic}.dlq"), 1, 1).await.remove(0);
@@ -193,10 +115,7 @@ async fn a_400_is_dead_lettered_at_once_with_its_history() {
     assert_eq!(dead["attempts"], 1);
     assert_eq!(dead["last_status"], 400);
     assert!(dead["first_attempt_at"].is_string() && dead["last_attempt_at"].is_string());
-    assert_eq!(
-        dead["event"],
-        serde_json::from_slice::<serde_json::Value>(&body).expect("json")
-    );
+    assert_eq!(dead["event"], serde_json::from_slice::<serde_json::Value>(&body).expect("json"));
     assert_eq!(dead["source"]["topic"], topic.as_str());
     assert_eq!(rx.hits().len(), 1, "no retry after a 400");
     assert_eq!(dead["webhook_id"], rx.hits()[0].webhook_id.as_str());
@@ -210,50 +129,22 @@ async fn a_410_disables_the_endpoint_and_that_survives_a_restart() {
     let gone = Receiver::start(|_: &Hit| Reply::status(410)).await;
     let fine = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let eps = endpoint("gone", &gone.url("/"), "")
-        + &endpoint("fine", &fine.url("/"), "max_in_flight = 1");
+    let eps = endpoint("gone", &gone.url("/"), "") + &endpoint("fine", &fine.url("/"), "max_in_flight = 1");
     let cfg = config(&kafka, &topic, dir.path(), FAST_RETRY, &eps);
     let d = Daemon::start(&cfg).await;
-    kafka
-        .produce(&topic, None, &event("evt_g1", "ContactCreate"))
-        .await;
+    kafka.produce(&topic, None, &event("evt_g1", "ContactCreate")).await;
     let dead = kafka.read(&format!("{topic}.dlq"), 1, 1).await.remove(0);
-    assert_eq!(
-        (dead["reason"].as_str(), dead["endpoint_id"].as_str()),
-        (Some("gone"), Some("gone"))
-    );
-    assert_eq!(
-        d.metric("webhookd_endpoint_enabled{endpoint=\"gone\"}")
-            .await,
-        0.0
-    );
-    kafka
-        .produce(&topic, None, &event("evt_g2", "ContactCreate"))
-        .await;
-    fine.wait_until("evt_g2 at the healthy endpoint", |h| {
-        h.iter().any(|h| h.event_id() == "evt_g2")
-    })
-    .await;
+    assert_eq!((dead["reason"].as_str(), dead["endpoint_id"].as_str()), (Some("gone"), Some("gone")));
+    assert_eq!(d.metric("webhookd_endpoint_enabled{endpoint=\"gone\"}").await, 0.0);
+    kafka.produce(&topic, None, &event("evt_g2", "ContactCreate")).await;
+    fine.wait_until("evt_g2 at the healthy endpoint", |h| h.iter().any(|h| h.event_id() == "evt_g2")).await;
     d.stop().await;
 
     let d = Daemon::start(&cfg).await;
-    kafka
-        .produce(&topic, None, &event("evt_g3", "ContactCreate"))
-        .await;
-    fine.wait_until("evt_g3 at the healthy endpoint", |h| {
-        h.iter().any(|h| h.event_id() == "evt_g3")
-    })
-    .await;
-    assert_eq!(
-        gone.hits().len(),
-        1,
-        "a disabled endpoint gets nothing more, before or after a restart"
-    );
-    assert_eq!(
-        d.metric("webhookd_endpoint_enabled{endpoint=\"gone\"}")
-            .await,
-        0.0
-    );
+    kafka.produce(&topic, None, &event("evt_g3", "ContactCreate")).await;
+    fine.wait_until("evt_g3 at the healthy endpoint", |h| h.iter().any(|h| h.event_id() == "evt_g3")).await;
+    assert_eq!(gone.hits().len(), 1, "a disabled endpoint gets nothing more, before or after a restart");
+    assert_eq!(d.metric("webhookd_endpoint_enabled{endpoint=\"gone\"}").await, 0.0);
     d.stop().await;
 }
 
@@ -263,11 +154,7 @@ async fn retry_after_delays_the_next_attempt() {
     let topic = kafka.topic("retryafter", 1).await;
     let rx = Receiver::start(|h: &Hit| {
         if h.attempt == 1 {
-            Reply {
-                status: 429,
-                delay: Duration::ZERO,
-                retry_after: Some("2".into()),
-            }
+            Reply { status: 429, delay: Duration::ZERO, retry_after: Some("2".into()) }
         } else {
             Reply::status(200)
         }
@@ -275,17 +162,8 @@ async fn retry_after_delays_the_next_attempt() {
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let retry = "base = \"10ms\"\ncap = \"50ms\"";
-    let d = Daemon::start(&config(
-        &kafka,
-        &topic,
-        dir.path(),
-        retry,
-        &endpoint("a", &rx.url("/"), ""),
-    ))
-    .await;
-    kafka
-        .produce(&topic, None, &event("evt_ra", "ContactCreate"))
-        .await;
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), retry, &endpoint("a", &rx.url("/"), ""))).await;
+    kafka.produce(&topic, None, &event("evt_ra", "ContactCreate")).await;
     let hits = rx.wait_for(2).await;
     let gap = hits[1].at - hits[0].at;
     assert!(
@@ -302,11 +180,7 @@ async fn an_attempt_over_its_budget_is_cut_and_retried() {
     let topic = kafka.topic("budget", 1).await;
     let rx = Receiver::start(|h: &Hit| {
         if h.attempt == 1 {
-            Reply {
-                status: 200,
-                delay: Duration::from_secs(10),
-                retry_after: None,
-            }
+            Reply { status: 200, delay: Duration::from_secs(10), retry_after: None }
         } else {
             Reply::status(200)
         }
@@ -321,25 +195,16 @@ async fn an_attempt_over_its_budget_is_cut_and_retried() {
         &endpoint("a", &rx.url("/"), "attempt_timeout = \"300ms\""),
     ))
     .await;
-    kafka
-        .produce(&topic, None, &event("evt_slow", "ContactCreate"))
-        .await;
+    kafka.produce(&topic, None, &event("evt_slow", "ContactCreate")).await;
     let hits = rx.wait_for(2).await;
     let gap = hits[1].at - hits[0].at;
     assert!(
         gap < Duration::from_secs(5),
         "the first attempt was not cut at its 300 ms budget (retry came {gap:?} later)"
     );
-    assert!(
-        gap >= Duration::from_millis(300),
-        "retried before the budget ran out: {gap:?}"
-    );
+    assert!(gap >= Duration::from_millis(300), "retried before the budget ran out: {gap:?}");
     assert_eq!(hits[0].webhook_id, hits[1].webhook_id);
-    assert_eq!(
-        d.metric("webhookd_deliveries_total{endpoint=\"a\",outcome=\"retry\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(d.metric("webhookd_deliveries_total{endpoint=\"a\",outcome=\"retry\"}").await, 1.0);
     d.stop().await;
 }
 
@@ -350,48 +215,26 @@ async fn the_rate_limit_holds_at_the_receiver() {
     let rx = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (rate, burst, n) = (20usize, 5usize, 90usize);
-    let ep = endpoint(
-        "a",
-        &rx.url("/"),
-        &format!("rate_limit = {{ per_second = {rate}, burst = {burst} }}"),
-    );
+    let ep = endpoint("a", &rx.url("/"), &format!("rate_limit = {{ per_second = {rate}, burst = {burst} }}"));
     let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &ep)).await;
     for i in 0..n {
-        kafka
-            .produce(
-                &topic,
-                None,
-                &event(&format!("evt_rl_{i}"), "ContactCreate"),
-            )
-            .await;
+        kafka.produce(&topic, None, &event(&format!("evt_rl_{i}"), "ContactCreate")).await;
     }
     let hits = rx.wait_for(n).await;
     let times: Vec<_> = hits.iter().map(|h| h.at).collect();
     // In any one-second window: at most the burst plus one second's worth.
     let worst = (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| **t - times[i] < Duration::from_secs(1))
-                .count()
-        })
+        .map(|i| times[i..].iter().take_while(|t| **t - times[i] < Duration::from_secs(1)).count())
         .max()
         .unwrap_or(0);
     println!("rate limit {rate}/s burst {burst}: busiest one-second window had {worst} requests");
-    assert!(
-        worst <= rate + burst,
-        "{worst} requests in one second, limit {rate}/s + burst {burst}"
-    );
+    assert!(worst <= rate + burst, "{worst} requests in one second, limit {rate}/s + burst {burst}");
     let span = *times.last().expect("hits") - times[0];
     assert!(
         span >= Duration::from_secs_f64((n - burst) as f64 / rate as f64 * 0.95),
         "{n} requests took only {span:?}"
     );
-    assert!(
-        d.metric("webhookd_rate_limited_total{endpoint=\"a\"}")
-            .await
-            > 0.0
-    );
+    assert!(d.metric("webhookd_rate_limited_total{endpoint=\"a\"}").await > 0.0);
     d.stop().await;
 }
 
@@ -399,34 +242,19 @@ async fn the_rate_limit_holds_at_the_receiver() {
 async fn a_slow_endpoint_does_not_slow_a_fast_one() {
     let kafka = Kafka::start();
     let topic = kafka.topic("isolation", 1).await;
-    let slow = Receiver::start(|_: &Hit| Reply {
-        status: 200,
-        delay: Duration::from_secs(2),
-        retry_after: None,
-    })
-    .await;
+    let slow = Receiver::start(|_: &Hit| Reply { status: 200, delay: Duration::from_secs(2), retry_after: None }).await;
     let fast = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let eps = endpoint("slow", &slow.url("/"), "max_in_flight = 2")
-        + &endpoint("fast", &fast.url("/"), "");
+    let eps = endpoint("slow", &slow.url("/"), "max_in_flight = 2") + &endpoint("fast", &fast.url("/"), "");
     let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &eps)).await;
     let n = 60;
     for i in 0..n {
-        kafka
-            .produce(
-                &topic,
-                None,
-                &event(&format!("evt_iso_{i}"), "ContactCreate"),
-            )
-            .await;
+        kafka.produce(&topic, None, &event(&format!("evt_iso_{i}"), "ContactCreate")).await;
     }
     // The slow endpoint needs 2 s per pair: 60 s for all. The fast one must not wait for it.
     fast.wait_for(n).await;
     let slow_done = slow.hits().len();
     println!("fast endpoint received all {n}; slow endpoint had received {slow_done}");
-    assert!(
-        slow_done < n / 2,
-        "the slow endpoint was not slow ({slow_done}); the test proves nothing"
-    );
+    assert!(slow_done < n / 2, "the slow endpoint was not slow ({slow_done}); the test proves nothing");
     d.stop().await;
 }

@@ -53,16 +53,9 @@ impl Kafka {
                 (Some(m), b)
             }
         };
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("linger.ms", "0")
-            .create()
-            .expect("producer");
-        Kafka {
-            mock,
-            bootstrap,
-            producer,
-        }
+        let producer =
+            ClientConfig::new().set("bootstrap.servers", &bootstrap).set("linger.ms", "0").create().expect("producer");
+        Kafka { mock, bootstrap, producer }
     }
 
     /// A fresh topic name (tests share nothing) with its dead-letter topic created too.
@@ -77,22 +70,16 @@ impl Kafka {
         match &self.mock {
             Some(m) => m.create_topic(topic, partitions, 1).expect("create topic"),
             None => {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", &self.bootstrap)
-                    .create()
-                    .expect("admin client");
+                let admin: AdminClient<DefaultClientContext> =
+                    ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().expect("admin client");
                 let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-                admin
-                    .create_topics([&t], &AdminOptions::new())
-                    .await
-                    .expect("create topic");
+                admin.create_topics([&t], &AdminOptions::new()).await.expect("create topic");
             }
         }
     }
 
     pub async fn produce(&self, topic: &str, partition: Option<i32>, payload: &[u8]) {
-        self.produce_with_headers(topic, partition, payload, &[])
-            .await
+        self.produce_with_headers(topic, partition, payload, &[]).await
     }
 
     pub async fn produce_with_headers(
@@ -104,19 +91,13 @@ impl Kafka {
     ) {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(*v),
-            });
+            h = h.insert(Header { key: k, value: Some(*v) });
         }
         let mut rec = FutureRecord::<(), _>::to(topic).payload(payload).headers(h);
         if let Some(p) = partition {
             rec = rec.partition(p);
         }
-        self.producer
-            .send(rec, Duration::from_secs(10))
-            .await
-            .expect("produce");
+        self.producer.send(rec, Duration::from_secs(10)).await.expect("produce");
     }
 
     /// Reads `n` messages from the start of every partition of `topic`.
@@ -132,22 +113,16 @@ impl Kafka {
                 .expect("reader");
             let mut tpl = TopicPartitionList::new();
             for p in 0..partitions {
-                tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                    .expect("tpl");
+                tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("tpl");
             }
             c.assign(&tpl).expect("assign");
             let deadline = Instant::now() + WAIT;
             let mut out = Vec::new();
             while out.len() < n {
-                assert!(
-                    Instant::now() < deadline,
-                    "read only {} of {n} messages from {topic}: {out:#?}",
-                    out.len()
-                );
+                assert!(Instant::now() < deadline, "read only {} of {n} messages from {topic}: {out:#?}", out.len());
                 if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
                     let mut v: serde_json::Value =
-                        serde_json::from_slice(m.payload().unwrap_or_default())
-                            .expect("dead letters are JSON");
+                        serde_json::from_slice(m.payload().unwrap_or_default()).expect("dead letters are JSON");
                     if let Some(h) = m.headers() {
                         for h in h.iter() {
                             v["_header_".to_owned() + h.key] =
@@ -177,9 +152,7 @@ impl Kafka {
                 .expect("offset reader");
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&topic, partition);
-            let got = c
-                .committed_offsets(tpl, Duration::from_secs(5))
-                .expect("committed offsets");
+            let got = c.committed_offsets(tpl, Duration::from_secs(5)).expect("committed offsets");
             let off = match got.find_partition(&topic, partition).map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => o,
                 _ => -1,
@@ -195,15 +168,8 @@ impl Kafka {
 pub fn unique() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{}{}",
-        nanos % 1_000_000_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}{}", nanos % 1_000_000_000, N.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn event(id: &str, ty: &str) -> Vec<u8> {
@@ -229,10 +195,7 @@ pub struct Hit {
 
 impl Hit {
     pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
     }
     pub fn event_id(&self) -> String {
         serde_json::from_slice::<serde_json::Value>(&self.body)
@@ -252,11 +215,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn status(status: u16) -> Reply {
-        Reply {
-            status,
-            delay: Duration::ZERO,
-            retry_after: None,
-        }
+        Reply { status, delay: Duration::ZERO, retry_after: None }
     }
 }
 
@@ -275,9 +234,7 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(behaviour: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind receiver");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(ReceiverState {
             hits: Mutex::new(Vec::new()),
@@ -293,9 +250,7 @@ impl Receiver {
                 let s = s.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(s.clone(), req));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });
@@ -333,9 +288,7 @@ impl Receiver {
                 panic!(
                     "timed out waiting for {what}; the receiver saw {} requests: {:#?}",
                     hits.len(),
-                    hits.iter()
-                        .map(|h| (h.path.clone(), h.event_id(), h.attempt, h.status))
-                        .collect::<Vec<_>>()
+                    hits.iter().map(|h| (h.path.clone(), h.event_id(), h.attempt, h.status)).collect::<Vec<_>>()
                 );
             }
         }
@@ -343,36 +296,20 @@ impl Receiver {
 
     /// Waits for `n` requests.
     pub async fn wait_for(&self, n: usize) -> Vec<Hit> {
-        self.wait_until(&format!("{n} requests"), |h| h.len() >= n)
-            .await
+        self.wait_until(&format!("{n} requests"), |h| h.len() >= n).await
     }
 }
 
-async fn handle(
-    s: Arc<ReceiverState>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(s: Arc<ReceiverState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = req.uri().path().to_owned();
     let headers = req.headers().clone();
     let at = Instant::now();
     let body = req.into_body().collect().await?.to_bytes();
-    let webhook_id = headers
-        .get("webhook-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let webhook_id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let reply = {
         let mut hits = s.hits.lock().expect("lock");
         let attempt = hits.iter().filter(|h| h.webhook_id == webhook_id).count() + 1;
-        let mut hit = Hit {
-            path,
-            headers,
-            body,
-            at,
-            webhook_id,
-            attempt,
-            status: 0,
-        };
+        let mut hit = Hit { path, headers, body, at, webhook_id, attempt, status: 0 };
         let behaviour = s.behaviour.read().expect("lock").clone();
         let reply = behaviour(&hit);
         hit.status = reply.status;
@@ -439,23 +376,14 @@ impl Daemon {
     pub async fn start(toml: &str) -> Daemon {
         let config = Config::from_toml_str(toml, Vec::new()).expect("test config is valid");
         let shutdown = CancellationToken::new();
-        let started = webhookd::app::start(config, shutdown.clone())
-            .await
-            .expect("webhookd starts");
-        Daemon {
-            admin: started.admin_addr,
-            shutdown,
-            started,
-        }
+        let started = webhookd::app::start(config, shutdown.clone()).await.expect("webhookd starts");
+        Daemon { admin: started.admin_addr, shutdown, started }
     }
 
     /// Graceful stop; returns once the store is closed.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.started.wait())
-            .await
-            .expect("stops in time")
-            .expect("clean stop");
+        tokio::time::timeout(WAIT, self.started.wait()).await.expect("stops in time").expect("clean stop");
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
@@ -470,20 +398,15 @@ impl Daemon {
 }
 
 pub fn metric_value(exposition: &str, series: &str) -> f64 {
-    let (name, labels) = series
-        .split_once('{')
-        .map_or((series, ""), |(n, l)| (n, l.trim_end_matches('}')));
+    let (name, labels) = series.split_once('{').map_or((series, ""), |(n, l)| (n, l.trim_end_matches('}')));
     let wanted: Vec<&str> = labels.split(',').filter(|s| !s.is_empty()).collect();
     exposition
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (lhs, value) = l.rsplit_once(' ')?;
-            let (n, ls) = lhs
-                .split_once('{')
-                .map_or((lhs, ""), |(n, l)| (n, l.trim_end_matches('}')));
-            (n == name && wanted.iter().all(|w| ls.split(',').any(|x| x == *w)))
-                .then(|| value.parse::<f64>().ok())?
+            let (n, ls) = lhs.split_once('{').map_or((lhs, ""), |(n, l)| (n, l.trim_end_matches('}')));
+            (n == name && wanted.iter().all(|w| ls.split(',').any(|x| x == *w))).then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }
@@ -491,23 +414,14 @@ pub fn metric_value(exposition: &str, series: &str) -> f64 {
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.expect("read");
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 

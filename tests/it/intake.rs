@@ -10,78 +10,38 @@ async fn invalid_envelopes_are_dead_lettered_while_valid_ones_flow() {
     let topic = kafka.topic("invalid", 1).await;
     let rx = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(&config(
-        &kafka,
-        &topic,
-        dir.path(),
-        FAST_RETRY,
-        &endpoint("a", &rx.url("/"), ""),
-    ))
-    .await;
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &endpoint("a", &rx.url("/"), ""))).await;
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("invalid_json", b"{ not json".to_vec()),
         ("missing_field", br#"{"type":"ContactCreate"}"#.to_vec()),
-        (
-            "empty_field",
-            br#"{"id":"","type":"ContactCreate"}"#.to_vec(),
-        ),
-        (
-            "wrong_type",
-            br#"{"id":42,"type":"ContactCreate"}"#.to_vec(),
-        ),
+        ("empty_field", br#"{"id":"","type":"ContactCreate"}"#.to_vec()),
+        ("wrong_type", br#"{"id":42,"type":"ContactCreate"}"#.to_vec()),
         ("not_utf8", b"{\"id\":\"\xc3\x28\",\"type\":\"T\"}".to_vec()),
         ("not_an_object", b"[1,2,3]".to_vec()),
-        (
-            "too_large",
-            [
-                br#"{"id":"big","type":"T","pad":""#.as_slice(),
-                &[b'x'; 5000],
-                br#""}"#,
-            ]
-            .concat(),
-        ),
+        ("too_large", [br#"{"id":"big","type":"T","pad":""#.as_slice(), &[b'x'; 5000], br#""}"#].concat()),
     ];
-    kafka
-        .produce(&topic, None, &event("evt_before", "ContactCreate"))
-        .await;
+    kafka.produce(&topic, None, &event("evt_before", "ContactCreate")).await;
     for (_, payload) in &bad {
         kafka.produce(&topic, None, payload).await;
     }
-    kafka
-        .produce(&topic, None, &event("evt_after", "ContactCreate"))
-        .await;
+    kafka.produce(&topic, None, &event("evt_after", "ContactCreate")).await;
 
     let dead = kafka.read(&format!("{topic}.dlq"), 1, bad.len()).await;
-    let mut reasons: Vec<&str> = dead
-        .iter()
-        .map(|v| v["reason"].as_str().expect("reason"))
-        .collect();
+    let mut reasons: Vec<&str> = dead.iter().map(|v| v["reason"].as_str().expect("reason")).collect();
     reasons.sort_unstable();
     let mut want: Vec<&str> = bad.iter().map(|(r, _)| *r).collect();
     want.sort_unstable();
     assert_eq!(reasons, want);
     for v in &dead {
-        assert!(
-            v["detail"].as_str().is_some_and(|s| !s.is_empty()),
-            "a dead letter says what is wrong: {v}"
-        );
-        assert!(
-            v["source"]["offset"].is_i64() && v["event_base64"].is_string(),
-            "{v}"
-        );
+        assert!(v["detail"].as_str().is_some_and(|s| !s.is_empty()), "a dead letter says what is wrong: {v}");
+        assert!(v["source"]["offset"].is_i64() && v["event_base64"].is_string(), "{v}");
     }
     let hits = rx.wait_for(2).await;
     let mut ids: Vec<String> = hits.iter().map(Hit::event_id).collect();
     ids.sort();
     assert_eq!(ids, ["evt_after", "evt_before"]);
-    assert_eq!(
-        d.metric("webhookd_events_invalid_total").await,
-        bad.len() as f64
-    );
-    assert_eq!(
-        d.metric("webhookd_events_consumed_total").await,
-        (bad.len() + 2) as f64
-    );
+    assert_eq!(d.metric("webhookd_events_invalid_total").await, bad.len() as f64);
+    assert_eq!(d.metric("webhookd_events_consumed_total").await, (bad.len() + 2) as f64);
     d.stop().await;
 }
 
@@ -102,46 +62,24 @@ async fn committed_offsets_never_pass_an_unsettled_event() {
         mock.partition_leader(&topic, p, Some(1)).expect("leader");
     }
     mock.partition_leader(&dlq, 0, Some(2)).expect("dlq leader");
-    mock.coordinator(MockCoordinator::Group(group.clone()), 1)
-        .expect("coordinator");
+    mock.coordinator(MockCoordinator::Group(group.clone()), 1).expect("coordinator");
     let rx = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(&config(
-        &kafka,
-        &topic,
-        dir.path(),
-        FAST_RETRY,
-        &endpoint("a", &rx.url("/"), ""),
-    ))
-    .await;
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &endpoint("a", &rx.url("/"), ""))).await;
 
-    kafka
-        .produce(&topic, Some(0), &event("evt_c0", "ContactCreate"))
-        .await;
+    kafka.produce(&topic, Some(0), &event("evt_c0", "ContactCreate")).await;
     rx.wait_for(1).await;
-    eventually("offset 1 committed on partition 0", || async {
-        kafka.committed(&group, &topic, 0).await == 1
-    })
-    .await;
+    eventually("offset 1 committed on partition 0", || async { kafka.committed(&group, &topic, 0).await == 1 }).await;
 
     mock.broker_down(2).expect("dead-letter broker down");
     kafka.produce(&topic, Some(0), b"{ broken").await; // offset 1: cannot be dead-lettered now
-    kafka
-        .produce(&topic, Some(0), &event("evt_c2", "ContactCreate"))
-        .await;
-    kafka
-        .produce(&topic, Some(0), &event("evt_c3", "ContactCreate"))
-        .await;
+    kafka.produce(&topic, Some(0), &event("evt_c2", "ContactCreate")).await;
+    kafka.produce(&topic, Some(0), &event("evt_c3", "ContactCreate")).await;
     rx.wait_for(3).await;
     // A commit that happens after evt_c3 settled: partition 1 moving proves it.
-    kafka
-        .produce(&topic, Some(1), &event("evt_p1", "ContactCreate"))
-        .await;
+    kafka.produce(&topic, Some(1), &event("evt_p1", "ContactCreate")).await;
     rx.wait_for(4).await;
-    eventually("a commit cycle after evt_c3 settled", || async {
-        kafka.committed(&group, &topic, 1).await == 1
-    })
-    .await;
+    eventually("a commit cycle after evt_c3 settled", || async { kafka.committed(&group, &topic, 1).await == 1 }).await;
     assert_eq!(
         kafka.committed(&group, &topic, 0).await,
         1,
@@ -151,9 +89,40 @@ async fn committed_offsets_never_pass_an_unsettled_event() {
     mock.broker_up(2).expect("dead-letter broker up");
     let dead = kafka.read(&dlq, 1, 1).await;
     assert_eq!(dead[0]["source"]["offset"], 1);
-    eventually("partition 0 committed past everything", || async {
-        kafka.committed(&group, &topic, 0).await == 4
-    })
-    .await;
+    eventually("partition 0 committed past everything", || async { kafka.committed(&group, &topic, 0).await == 4 })
+        .await;
     d.stop().await;
+}
+
+/// Two instances share a consumer group; one leaves. The revoke and assign
+/// paths run for real, and every event is delivered (at least once: dedup is
+/// per instance, so a partition that moves can repeat unsettled work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_between_two_instances_loses_nothing() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("rebalance", 4).await;
+    let rx = Receiver::start(Receiver::ok()).await;
+    let (dir1, dir2) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let ep = endpoint("a", &rx.url("/"), "");
+    let distinct =
+        |n: usize| move |h: &[Hit]| h.iter().map(Hit::event_id).collect::<std::collections::HashSet<_>>().len() == n;
+    let mut produced = 0;
+    let mut produce = async |count: usize| {
+        for _ in 0..count {
+            kafka.produce(&topic, Some(produced % 4), &event(&format!("evt_rb{produced}"), "ContactCreate")).await;
+            produced += 1;
+        }
+    };
+
+    let first = Daemon::start(&config(&kafka, &topic, dir1.path(), FAST_RETRY, &ep)).await;
+    produce(20).await;
+    rx.wait_until("20 events via the first instance", distinct(20)).await;
+    let second = Daemon::start(&config(&kafka, &topic, dir2.path(), FAST_RETRY, &ep)).await;
+    produce(20).await;
+    rx.wait_until("40 events via both instances", distinct(40)).await;
+    first.stop().await;
+    produce(20).await;
+    let hits = rx.wait_until("60 events after the first instance left", distinct(60)).await;
+    println!("rebalance: 60 events, {} requests ({} repeated)", hits.len(), hits.len() - 60);
+    second.stop().await;
 }

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use crate::helpers::*;
 
 fn ids_with_200(hits: &[Hit]) -> HashSet<String> {
-    hits.iter()
-        .filter(|h| h.status == 200)
-        .map(Hit::event_id)
-        .collect()
+    hits.iter().filter(|h| h.status == 200).map(Hit::event_id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,19 +21,11 @@ async fn pending_retries_resume_after_a_restart() {
     let rx = Receiver::start(|_: &Hit| Reply::status(503)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let retry = "base = \"200ms\"\ncap = \"500ms\"\nmax_attempts = 1000";
-    let cfg = config(
-        &kafka,
-        &topic,
-        dir.path(),
-        retry,
-        &endpoint("a", &rx.url("/"), ""),
-    );
+    let cfg = config(&kafka, &topic, dir.path(), retry, &endpoint("a", &rx.url("/"), ""));
     let d = Daemon::start(&cfg).await;
     let n = 5;
     for i in 0..n {
-        kafka
-            .produce(&topic, None, &event(&format!("evt_r{i}"), "ContactCreate"))
-            .await;
+        kafka.produce(&topic, None, &event(&format!("evt_r{i}"), "ContactCreate")).await;
     }
     let before = rx
         .wait_until("a failed attempt of every event", |h| {
@@ -44,24 +33,13 @@ async fn pending_retries_resume_after_a_restart() {
         })
         .await;
     d.stop().await;
-    let ids_before: HashMap<String, String> = before
-        .iter()
-        .map(|h| (h.event_id(), h.webhook_id.clone()))
-        .collect();
+    let ids_before: HashMap<String, String> = before.iter().map(|h| (h.event_id(), h.webhook_id.clone())).collect();
 
     rx.set_behaviour(Receiver::ok());
     let d = Daemon::start(&cfg).await;
-    let after = rx
-        .wait_until("every event delivered after the restart", |h| {
-            ids_with_200(h).len() == n
-        })
-        .await;
+    let after = rx.wait_until("every event delivered after the restart", |h| ids_with_200(h).len() == n).await;
     for h in after.iter().filter(|h| h.status == 200) {
-        assert_eq!(
-            ids_before[&h.event_id()],
-            h.webhook_id,
-            "same webhook-id after the restart"
-        );
+        assert_eq!(ids_before[&h.event_id()], h.webhook_id, "same webhook-id after the restart");
     }
     assert_eq!(d.metric("webhookd_outbox_waiting_deliveries").await, 0.0);
     d.stop().await;
@@ -86,10 +64,7 @@ impl Proc {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
             }
         });
@@ -101,10 +76,7 @@ impl Proc {
         let deadline = Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no log line with {field:?}"));
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no log line with {field:?}"));
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && let Some(s) = v[field].as_str()
             {
@@ -114,11 +86,7 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill").success();
         assert!(ok, "kill {sig} failed");
     }
 
@@ -128,10 +96,7 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "webhookd did not exit within {limit:?}"
-            );
+            assert!(Instant::now() < deadline, "webhookd did not exit within {limit:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -146,11 +111,8 @@ impl Drop for Proc {
 
 fn write_config(dir: &Path, toml: &str) -> String {
     let path = dir.join("webhookd.toml");
-    std::fs::write(
-        &path,
-        toml.replace("level = \"warn\"", "level = \"info\"\nformat = \"json\""),
-    )
-    .expect("write config");
+    std::fs::write(&path, toml.replace("level = \"warn\"", "level = \"info\"\nformat = \"json\""))
+        .expect("write config");
     path.display().to_string()
 }
 
@@ -164,42 +126,25 @@ async fn kill_9_mid_stream_loses_nothing() {
     let retry = "base = \"100ms\"\ncap = \"300ms\"\nmax_attempts = 1000";
     let path = write_config(
         dir.path(),
-        &config(
-            &kafka,
-            &topic,
-            &dir.path().join("db"),
-            retry,
-            &endpoint("a", &rx.url("/"), ""),
-        ),
+        &config(&kafka, &topic, &dir.path().join("db"), retry, &endpoint("a", &rx.url("/"), "")),
     );
     let (first, second) = (40, 20);
 
     let mut p = Proc::spawn(&["run", "--config", &path]);
     for i in 0..first {
-        kafka
-            .produce(&topic, None, &event(&format!("evt_k{i}"), "ContactCreate"))
-            .await;
+        kafka.produce(&topic, None, &event(&format!("evt_k{i}"), "ContactCreate")).await;
     }
     rx.wait_for(first / 2).await;
     p.child.kill().expect("kill -9");
     p.wait_exit(WAIT).await;
     let at_kill = rx.hits().len();
     for i in first..first + second {
-        kafka
-            .produce(&topic, None, &event(&format!("evt_k{i}"), "ContactCreate"))
-            .await;
+        kafka.produce(&topic, None, &event(&format!("evt_k{i}"), "ContactCreate")).await;
     }
     let _p = Proc::spawn(&["run", "--config", &path]);
-    let hits = rx
-        .wait_until("every event delivered after kill -9", |h| {
-            ids_with_200(h).len() == first + second
-        })
-        .await;
+    let hits = rx.wait_until("every event delivered after kill -9", |h| ids_with_200(h).len() == first + second).await;
     let delivered_twice = hits.iter().filter(|h| h.status == 200).count() - (first + second);
-    println!(
-        "kill -9 after {at_kill} requests: {} events, lost 0, delivered twice {delivered_twice}",
-        first + second
-    );
+    println!("kill -9 after {at_kill} requests: {} events, lost 0, delivered twice {delivered_twice}", first + second);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,20 +160,12 @@ async fn embedded_broker_quick_start_and_sigterm_exit_zero() {
     std::fs::write(&path, toml).expect("write");
     let mut p = Proc::spawn(&["run", "--config", &path.display().to_string()]);
     let bootstrap = p.log_field("bootstrap");
-    assert!(
-        bootstrap.starts_with("127.0.0.1:"),
-        "embedded broker on loopback, got {bootstrap}"
-    );
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .expect("producer");
+    assert!(bootstrap.starts_with("127.0.0.1:"), "embedded broker on loopback, got {bootstrap}");
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("producer");
     let body = event("evt_quick", "FormSubmitted");
     producer
-        .send(
-            rdkafka::producer::FutureRecord::<(), _>::to("webhookd.events").payload(&body),
-            Duration::from_secs(10),
-        )
+        .send(rdkafka::producer::FutureRecord::<(), _>::to("webhookd.events").payload(&body), Duration::from_secs(10))
         .await
         .expect("produce to the embedded broker");
     let hit = rx.wait_for(1).await.remove(0);
@@ -280,14 +217,7 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     let topic = kafka.topic("admin", 1).await;
     let rx = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(&config(
-        &kafka,
-        &topic,
-        dir.path(),
-        FAST_RETRY,
-        &endpoint("a", &rx.url("/"), ""),
-    ))
-    .await;
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &endpoint("a", &rx.url("/"), ""))).await;
     assert_eq!(d.get("/healthz").await.0, 200);
     eventually("ready", || async { d.get("/readyz").await.0 == 200 }).await;
     let (_, ready) = d.get("/readyz").await;
@@ -295,14 +225,10 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["checks"]["kafka"], true);
 
-    kafka
-        .produce(&topic, None, &event("evt_m", "ContactCreate"))
-        .await;
+    kafka.produce(&topic, None, &event("evt_m", "ContactCreate")).await;
     rx.wait_for(1).await;
     eventually("the delivery counted", || async {
-        d.metric("webhookd_deliveries_total{endpoint=\"a\",outcome=\"delivered\"}")
-            .await
-            == 1.0
+        d.metric("webhookd_deliveries_total{endpoint=\"a\",outcome=\"delivered\"}").await == 1.0
     })
     .await;
     let (status, text) = d.get("/metrics").await;
@@ -314,18 +240,44 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
         "webhookd_outbox_ready_deliveries",
         "webhookd_endpoint_enabled",
     ] {
-        assert!(
-            text.contains(&format!("# HELP {name} ")),
-            "{name} is not described:\n{text}"
-        );
+        assert!(text.contains(&format!("# HELP {name} ")), "{name} is not described:\n{text}");
     }
-    assert_eq!(
-        metric_value(
-            &text,
-            "webhookd_attempt_duration_seconds_count{endpoint=\"a\"}"
-        ),
-        1.0
-    );
+    assert_eq!(metric_value(&text, "webhookd_attempt_duration_seconds_count{endpoint=\"a\"}"), 1.0);
     assert_eq!(metric_value(&text, "webhookd_outbox_ready_deliveries"), 0.0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_for_a_removed_endpoint_are_dead_lettered_not_stuck() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("removed", 1).await;
+    let down = Receiver::start(|_: &Hit| Reply::status(503)).await;
+    let up = Receiver::start(Receiver::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let retry = "base = \"100ms\"\ncap = \"300ms\"\nmax_attempts = 1000";
+    let with_old = endpoint("old", &down.url("/"), "") + &endpoint("new", &up.url("/"), "");
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), retry, &with_old)).await;
+    let n = 4;
+    for i in 0..n {
+        kafka.produce(&topic, None, &event(&format!("evt_rm{i}"), "ContactCreate")).await;
+    }
+    down.wait_until("a failed attempt of every event", |h| {
+        h.iter().map(Hit::event_id).collect::<HashSet<_>>().len() == n
+    })
+    .await;
+    up.wait_for(n).await;
+    d.stop().await;
+
+    // "old" is gone from the config: its pending retries must not wait forever.
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), retry, &endpoint("new", &up.url("/"), ""))).await;
+    let dead = kafka.read(&format!("{topic}.dlq"), 1, n).await;
+    assert!(dead.iter().all(|v| v["reason"] == "endpoint_removed" && v["endpoint_id"] == "old"), "{dead:#?}");
+    let ids: HashSet<&str> = dead.iter().filter_map(|v| v["event_id"].as_str()).collect();
+    assert_eq!(ids.len(), n);
+    eventually("the outbox drained", || async {
+        d.metric("webhookd_outbox_waiting_deliveries").await == 0.0
+            && d.metric("webhookd_outbox_ready_deliveries").await == 0.0
+    })
+    .await;
     d.stop().await;
 }
