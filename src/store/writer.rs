@@ -138,9 +138,8 @@ impl Writer {
                     tracing::error!(error = %e, "store write failed; nothing of this batch was applied");
                 }
             }
-            for reply in g.replies {
-                reply(result.as_ref().map(|_| ()));
-            }
+            // Wake-ups before answers: whoever the answer unblocks finds the
+            // scheduler and the workers already told.
             if result.is_ok() {
                 if let Some(due) = g.min_new_due {
                     self.wake.note_new_due(due);
@@ -151,6 +150,9 @@ impl Writer {
                 if g.wake_scheduler {
                     self.wake.scheduler().notify_one();
                 }
+            }
+            for reply in g.replies {
+                reply(result.as_ref().map(|_| ()));
             }
         }
         tracing::debug!("store writer stopped");
