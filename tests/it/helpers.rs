@@ -374,6 +374,10 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(toml: &str) -> Daemon {
+        // WEBHOOKD_TEST_LOG=webhookd=debug shows the daemon's logs in a test's output.
+        if let Ok(filter) = std::env::var("WEBHOOKD_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let config = Config::from_toml_str(toml, Vec::new()).expect("test config is valid");
         let shutdown = CancellationToken::new();
         let started = webhookd::app::start(config, shutdown.clone()).await.expect("webhookd starts");

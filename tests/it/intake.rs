@@ -117,6 +117,17 @@ async fn a_rebalance_between_two_instances_loses_nothing() {
     let first = Daemon::start(&config(&kafka, &topic, dir1.path(), FAST_RETRY, &ep)).await;
     produce(20).await;
     rx.wait_until("20 events via the first instance", distinct(20)).await;
+    // Let the first instance commit before the group changes, so what is
+    // counted below is what a partition move itself repeats.
+    let group = format!("{topic}-group");
+    eventually("the first 20 committed", || async {
+        let mut sum = 0;
+        for p in 0..4 {
+            sum += kafka.committed(&group, &topic, p).await.max(0);
+        }
+        sum == 20
+    })
+    .await;
     let second = Daemon::start(&config(&kafka, &topic, dir2.path(), FAST_RETRY, &ep)).await;
     produce(20).await;
     rx.wait_until("40 events via both instances", distinct(40)).await;
