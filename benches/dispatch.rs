@@ -21,14 +21,7 @@ fn envelope_1k() -> Vec<u8> {
 
 fn benches(c: &mut Criterion) {
     let body = envelope_1k();
-    let env = EnvelopeConfig {
-        id_field: "id".into(),
-        type_field: "type".into(),
-        location_field: "locationId".into(),
-        timestamp_field: "timestamp".into(),
-        id_header: None,
-        type_header: None,
-    };
+    let env = EnvelopeConfig::default();
     let mut g = c.benchmark_group("per_event");
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode_1KiB_envelope", |b| {

@@ -74,6 +74,20 @@ pub struct EnvelopeConfig {
     pub type_header: Option<String>,
 }
 
+impl Default for EnvelopeConfig {
+    /// SPEC.md's envelope: `{"id", "type", "locationId", "timestamp", …}`.
+    fn default() -> Self {
+        EnvelopeConfig {
+            id_field: "id".into(),
+            type_field: "type".into(),
+            location_field: "locationId".into(),
+            timestamp_field: "timestamp".into(),
+            id_header: None,
+            type_header: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub path: PathBuf,
@@ -175,6 +189,7 @@ impl Config {
     }
 
     fn read(r: &mut Reader) -> Config {
+        let envelope = EnvelopeConfig::default();
         let source = SourceConfig {
             brokers: r.list("source.brokers", &[]),
             topics: r.list("source.topics", &["webhookd.events"]),
@@ -187,10 +202,10 @@ impl Config {
             session_timeout: r.positive_duration("source.session_timeout", Duration::from_secs(10)),
             embedded_partitions: r.get("source.embedded_partitions", NonZeroU32::MIN.saturating_add(3)),
             envelope: EnvelopeConfig {
-                id_field: r.non_empty("source.envelope.id_field", "id"),
-                type_field: r.non_empty("source.envelope.type_field", "type"),
-                location_field: r.non_empty("source.envelope.location_field", "locationId"),
-                timestamp_field: r.non_empty("source.envelope.timestamp_field", "timestamp"),
+                id_field: r.non_empty("source.envelope.id_field", &envelope.id_field),
+                type_field: r.non_empty("source.envelope.type_field", &envelope.type_field),
+                location_field: r.non_empty("source.envelope.location_field", &envelope.location_field),
+                timestamp_field: r.non_empty("source.envelope.timestamp_field", &envelope.timestamp_field),
                 id_header: r.get::<Option<String>>("source.envelope.id_header", None),
                 type_header: r.get::<Option<String>>("source.envelope.type_header", None),
             },

@@ -285,14 +285,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> EnvelopeConfig {
-        EnvelopeConfig {
-            id_field: "id".into(),
-            type_field: "type".into(),
-            location_field: "locationId".into(),
-            timestamp_field: "timestamp".into(),
-            id_header: None,
-            type_header: None,
-        }
+        EnvelopeConfig::default()
     }
 
     fn raw(v: &[u8]) -> RawMessage<'_> {

@@ -328,21 +328,7 @@ impl Source {
             let deliveries = table
                 .route(&ev.event_type, ev.location_id.as_deref())
                 .iter()
-                .map(|ep| Delivery {
-                    webhook_id: event::webhook_id(&ev.id, ep.id()),
-                    endpoint_id: ep.id().to_owned(),
-                    event_id: ev.id.clone(),
-                    event_type: ev.event_type.clone(),
-                    event_time_ms: ev.time_ms,
-                    source: ev.source.clone(),
-                    attempts: 0,
-                    first_attempt_ms: 0,
-                    last_attempt_ms: 0,
-                    last_status: 0,
-                    last_error: String::new(),
-                    dead_letter_reason: None,
-                    payload: ev.payload.clone(),
-                })
+                .map(|ep| Delivery::new(&ev, ep.id()))
                 .collect();
             settle.push(((ev.source.topic, ev.source.partition), generation, ev.source.offset));
             events.push(NewEvent { event_id: ev.id, deliveries });

@@ -478,21 +478,15 @@ mod tests {
     use bytes::Bytes;
 
     fn delivery(event: &str, endpoint: &str) -> Delivery {
-        Delivery {
-            webhook_id: crate::event::webhook_id(event, endpoint),
-            endpoint_id: endpoint.into(),
-            event_id: event.into(),
+        let ev = crate::event::Event {
+            id: event.into(),
             event_type: "T".into(),
-            event_time_ms: 0,
-            source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
-            attempts: 0,
-            first_attempt_ms: 0,
-            last_attempt_ms: 0,
-            last_status: 0,
-            last_error: String::new(),
-            dead_letter_reason: None,
+            location_id: None,
+            time_ms: 0,
             payload: Bytes::from_static(b"{}"),
-        }
+            source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
+        };
+        Delivery::new(&ev, endpoint)
     }
 
     fn new_event(id: &str, endpoints: &[&str]) -> NewEvent {

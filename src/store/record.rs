@@ -3,7 +3,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::event::SourcePos;
+use crate::event::{Event, SourcePos};
 
 const VERSION: u8 = 1;
 
@@ -35,6 +35,25 @@ pub struct Delivery {
 pub struct CorruptRecord(pub &'static str);
 
 impl Delivery {
+    /// The first delivery of `event` to an endpoint: no attempts yet.
+    pub fn new(event: &Event, endpoint_id: &str) -> Delivery {
+        Delivery {
+            webhook_id: crate::event::webhook_id(&event.id, endpoint_id),
+            endpoint_id: endpoint_id.to_owned(),
+            event_id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            event_time_ms: event.time_ms,
+            source: event.source.clone(),
+            attempts: 0,
+            first_attempt_ms: 0,
+            last_attempt_ms: 0,
+            last_status: 0,
+            last_error: String::new(),
+            dead_letter_reason: None,
+            payload: event.payload.clone(),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut b = BytesMut::with_capacity(128 + self.payload.len());
         b.put_u8(VERSION);
