@@ -310,13 +310,19 @@ impl Config {
             r.problem(&p("secrets"), "at least one signing secret (whsec_…) is required");
         }
         let per_second = r.get(&p("rate_limit.per_second"), NonZeroU32::MIN.saturating_add(99));
+        let burst = r.get(&p("rate_limit.burst"), per_second);
+        for (key, v) in [("rate_limit.per_second", per_second), ("rate_limit.burst", burst)] {
+            if v.get() > MAX_RATE {
+                r.problem(&p(key), &format!("at most {MAX_RATE}, found {v}"));
+            }
+        }
         EndpointConfig {
             url,
             enabled: r.get(&p("enabled"), true),
             event_types,
             location_ids: r.list(&p("location_ids"), &[]),
             secrets,
-            rate_limit: RateLimit { per_second, burst: r.get(&p("rate_limit.burst"), per_second) },
+            rate_limit: RateLimit { per_second, burst },
             max_in_flight: r.get(&p("max_in_flight"), delivery.max_in_flight),
             attempt_timeout: r.positive_duration(&p("attempt_timeout"), delivery.attempt_timeout),
             legacy_hmac_header: r.get(&p("legacy_hmac_header"), false),
@@ -324,6 +330,10 @@ impl Config {
         }
     }
 }
+
+/// Highest rate limit and burst accepted: above a million a second the
+/// limiter's period rounds towards zero, and no receiver takes that anyway.
+const MAX_RATE: u32 = 1_000_000;
 
 /// Endpoint ids appear in storage keys, metric labels and URLs of the
 /// management API, so they are kept to a safe alphabet.
@@ -634,7 +644,7 @@ mod tests {
     fn every_problem_is_reported_at_once_by_path() {
         let toml = "[source]\ntopics = [\"t\"]\ndead_letter_topic = \"t\"\nsession_timeout = 5\n[log]\nformat = \"xml\"\n\
                     [[endpoints]]\nid = \"a\"\nurl = \"not a url\"\nsecrets = [\"whsec_c2hvcnQ=\"]\nevent_types = [\"*x\"]\n\
-                    [[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1/\"\nsecrets = []\n";
+                    [[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1/\"\nsecrets = []\nrate_limit = { burst = 5000000 }\n";
         let err = Config::from_toml_str(
             toml,
             env(&[("WEBHOOKD_DELIVERY__MAX_IN_FLIGHT", "0"), ("WEBHOOKD_SOURCE__COMMIT_INTERVAL", "0s")]),
@@ -652,10 +662,11 @@ mod tests {
             "endpoints[1].secrets: at least one signing secret",
             "delivery.max_in_flight (set by WEBHOOKD_DELIVERY__MAX_IN_FLIGHT)",
             "source.commit_interval (set by WEBHOOKD_SOURCE__COMMIT_INTERVAL): must be greater than zero",
+            "endpoints[1].rate_limit.burst: at most 1000000",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }
-        assert_eq!(err.problems.len(), 10, "{text}");
+        assert_eq!(err.problems.len(), 11, "{text}");
     }
 
     #[test]

@@ -75,8 +75,8 @@ impl Endpoint {
             location_ids: Vec::new(),
             secrets: Vec::new(),
             rate_limit: crate::config::RateLimit {
-                per_second: std::num::NonZeroU32::MAX,
-                burst: std::num::NonZeroU32::MAX,
+                per_second: std::num::NonZeroU32::MIN.saturating_add(999),
+                burst: std::num::NonZeroU32::MIN.saturating_add(999),
             },
             max_in_flight: std::num::NonZeroUsize::MIN.saturating_add(15),
             attempt_timeout: std::time::Duration::from_secs(5),
@@ -97,6 +97,8 @@ impl Endpoint {
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Release);
     }
+    /// The subscription rule stated plainly; the index must agree with it.
+    #[cfg(test)]
     fn accepts(&self, event_type: &str, location: Option<&str>) -> bool {
         self.config.event_types.iter().any(|f| f.matches(event_type))
             && (self.config.location_ids.is_empty()
@@ -104,15 +106,42 @@ impl Endpoint {
     }
 }
 
-/// An index over the endpoints so an event is matched without testing every
-/// filter of every endpoint: exact types by hash, prefixes and `*` by scan.
+/// Endpoints by event-type filter: exact types by hash, prefixes and `*` by scan.
+#[derive(Debug, Default)]
+struct TypeIndex {
+    exact: HashMap<String, Vec<usize>>,
+    prefix: Vec<(String, usize)>,
+    any: Vec<usize>,
+}
+
+impl TypeIndex {
+    fn add(&mut self, filter: &TypeFilter, i: usize) {
+        match filter {
+            TypeFilter::Any => self.any.push(i),
+            TypeFilter::Exact(x) => self.exact.entry(x.clone()).or_default().push(i),
+            TypeFilter::Prefix(p) => self.prefix.push((p.clone(), i)),
+        }
+    }
+
+    fn collect(&self, event_type: &str, out: &mut Vec<usize>) {
+        out.extend_from_slice(&self.any);
+        if let Some(v) = self.exact.get(event_type) {
+            out.extend_from_slice(v);
+        }
+        out.extend(self.prefix.iter().filter(|(p, _)| event_type.starts_with(p.as_str())).map(|(_, i)| *i));
+    }
+}
+
+/// An index over the endpoints, so an event is matched against the few
+/// endpoints that could want it rather than every filter of every endpoint:
+/// first by account (endpoints without a location filter, plus those
+/// filtering on the event's `locationId`), then by type.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     endpoints: Vec<Arc<Endpoint>>,
     by_id: HashMap<String, usize>,
-    exact: HashMap<String, Vec<usize>>,
-    prefix: Vec<(String, usize)>,
-    any: Vec<usize>,
+    any_location: TypeIndex,
+    by_location: HashMap<String, TypeIndex>,
 }
 
 impl RouteTable {
@@ -121,10 +150,11 @@ impl RouteTable {
         for (i, e) in t.endpoints.iter().enumerate() {
             t.by_id.insert(e.id().to_owned(), i);
             for f in &e.config.event_types {
-                match f {
-                    TypeFilter::Any => t.any.push(i),
-                    TypeFilter::Exact(x) => t.exact.entry(x.clone()).or_default().push(i),
-                    TypeFilter::Prefix(p) => t.prefix.push((p.clone(), i)),
+                if e.config.location_ids.is_empty() {
+                    t.any_location.add(f, i);
+                }
+                for loc in &e.config.location_ids {
+                    t.by_location.entry(loc.clone()).or_default().add(f, i);
                 }
             }
         }
@@ -133,18 +163,14 @@ impl RouteTable {
 
     /// The enabled endpoints subscribed to this event, each once, in config order.
     pub fn route(&self, event_type: &str, location: Option<&str>) -> Vec<Arc<Endpoint>> {
-        let mut hits: Vec<usize> = self.any.clone();
-        if let Some(v) = self.exact.get(event_type) {
-            hits.extend_from_slice(v);
+        let mut hits = Vec::new();
+        self.any_location.collect(event_type, &mut hits);
+        if let Some(index) = location.and_then(|l| self.by_location.get(l)) {
+            index.collect(event_type, &mut hits);
         }
-        hits.extend(self.prefix.iter().filter(|(p, _)| event_type.starts_with(p.as_str())).map(|(_, i)| *i));
         hits.sort_unstable();
         hits.dedup();
-        hits.into_iter()
-            .map(|i| &self.endpoints[i])
-            .filter(|e| e.is_enabled() && e.accepts(event_type, location))
-            .cloned()
-            .collect()
+        hits.into_iter().map(|i| &self.endpoints[i]).filter(|e| e.is_enabled()).cloned().collect()
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<Endpoint>> {
@@ -239,5 +265,38 @@ mod tests {
         assert_eq!(ids(&r, "InvoicePaid", None), ["all"]);
         r.get("all").expect("exists").set_enabled(false);
         assert_eq!(ids(&r, "NoteCreate", None), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_index_agrees_with_the_plain_rule() {
+        let types = ["ContactCreate", "ContactDelete", "InvoicePaid", "NoteCreate", "Contact"];
+        let filters = ["*", "Contact*", "ContactCreate", "Invoice*", "NoteCreate"];
+        let locations = [None, Some("loc_1"), Some("loc_2")];
+        let mut toml = String::new();
+        for i in 0..60 {
+            let f1 = filters[i % filters.len()];
+            let f2 = filters[(i / 5) % filters.len()];
+            let locs = match i % 4 {
+                0 => String::new(),
+                1 => "location_ids = [\"loc_1\"]".into(),
+                2 => "location_ids = [\"loc_2\", \"loc_1\"]".into(),
+                _ => "location_ids = [\"loc_9\"]".into(),
+            };
+            toml.push_str(&format!(
+                "[[endpoints]]\nid = \"e{i}\"\nurl = \"http://127.0.0.1:1/\"\nsecrets = [\"{SECRET}\"]\nevent_types = [\"{f1}\", \"{f2}\"]\n{locs}\nenabled = {}\n",
+                i % 7 != 0
+            ));
+        }
+        let r = registry(&toml);
+        let table = r.snapshot();
+        for ty in types {
+            for loc in locations {
+                let routed = table.route(ty, loc);
+                let indexed: Vec<&str> = routed.iter().map(|e| e.id()).collect();
+                let plain: Vec<&str> =
+                    table.all().iter().filter(|e| e.is_enabled() && e.accepts(ty, loc)).map(|e| e.id()).collect();
+                assert_eq!(indexed, plain, "type {ty}, location {loc:?}");
+            }
+        }
     }
 }
