@@ -137,3 +137,37 @@ async fn a_rebalance_between_two_instances_loses_nothing() {
     println!("rebalance: 60 events, {} requests ({} repeated)", hits.len(), hits.len() - 60);
     second.stop().await;
 }
+
+/// rdkafka's header accessors panic on a key that is not UTF-8; kcat (a
+/// different Kafka client) can publish one. It must be dead-lettered, and the
+/// consumer must carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_key_that_is_not_utf8_is_dead_lettered_not_fatal() {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStringExt;
+    let kafka = Kafka::start();
+    let topic = kafka.topic("badheader", 1).await;
+    let rx = Receiver::start(Receiver::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let eps = endpoint("a", &rx.url("/"), "") + "[source.envelope]\nid_header = \"event-id\"\n";
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &eps)).await;
+
+    let bad_key = std::ffi::OsString::from_vec(vec![0xff, 0xfe, b'=', b'x']);
+    let mut kcat = std::process::Command::new("kcat")
+        .args(["-P", "-b", &kafka.bootstrap, "-t", &topic, "-p", "0", "-H"])
+        .arg(bad_key)
+        .args(["-H", "event-id=k1"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("kcat is installed by scripts/setup");
+    kcat.stdin.take().expect("stdin").write_all(br#"{"type":"ContactCreate"}"#).expect("write");
+    assert!(kcat.wait().expect("kcat").success(), "kcat could not publish");
+    kafka.produce_with_headers(&topic, Some(0), br#"{"type":"ContactCreate"}"#, &[("event-id", "k2")]).await;
+
+    let dead = kafka.read(&format!("{topic}.dlq"), 1, 1).await;
+    assert_eq!(dead[0]["reason"], "bad_header");
+    let hits = rx.wait_for(1).await;
+    assert_eq!(hits[0].body.as_ref(), br#"{"type":"ContactCreate"}"#);
+    assert_eq!(d.metric("webhookd_events_consumed_total").await, 2.0);
+    d.stop().await;
+}
