@@ -177,7 +177,7 @@ impl Config {
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             match set_path(&mut table, &path, env_value(&value)) {
                 Ok(()) => {
-                    from_env.insert(display_path(&path), name);
+                    from_env.insert(display_path(path.iter().map(String::as_str)), name);
                 }
                 Err(e) => problems.push(format!("{name}: {e}")),
             }
@@ -376,13 +376,13 @@ impl Reader<'_> {
     }
 
     fn problem(&mut self, path: &str, msg: &str) {
-        let shown = display_path(&path.split('.').map(str::to_owned).collect::<Vec<_>>());
+        let shown = display_path(path.split('.'));
         let origin = self.from_env.get(&shown).map(|v| format!(" (set by {v})")).unwrap_or_default();
         self.problems.push(format!("{shown}{origin}: {msg}"));
     }
 
     fn problems_for(&self, path: &str) -> usize {
-        let shown = display_path(&path.split('.').map(str::to_owned).collect::<Vec<_>>());
+        let shown = display_path(path.split('.'));
         self.problems.iter().filter(|p| p.starts_with(&shown)).count()
     }
 
@@ -503,7 +503,7 @@ fn walk(table: &Table, prefix: String, f: &mut dyn FnMut(String)) {
     }
 }
 
-fn display_path(parts: &[String]) -> String {
+fn display_path<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     let mut out = String::new();
     for p in parts {
         if p.parse::<usize>().is_ok() {

@@ -97,10 +97,6 @@ impl DeadLetters {
         Ok(DeadLetters { producer, topic: topic.to_owned(), health })
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     /// Produces one dead letter and waits for the broker's acknowledgement.
     pub async fn send(&self, key: &str, reason: &str, record: &[u8]) -> Result<(), KafkaError> {
         let headers = OwnedHeaders::new().insert(Header { key: "webhookd-reason", value: Some(reason) });

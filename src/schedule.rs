@@ -34,7 +34,7 @@ pub async fn run(store: Store, shutdown: CancellationToken) {
             }
         };
         if let Some(last) = due.last() {
-            let last_due = i64::from_be_bytes(last.key[..8].try_into().unwrap_or([0; 8]));
+            let last_due = last.due_ms;
             let count = due.len();
             match store.promote(due).await {
                 Ok(()) => {

@@ -90,6 +90,8 @@ pub struct ReadyItem {
 #[derive(Debug, Clone)]
 pub struct DueItem {
     pub key: Vec<u8>,
+    /// When it was due (unix ms).
+    pub due_ms: i64,
     pub delivery: Delivery,
 }
 
@@ -245,9 +247,6 @@ impl Store {
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
     }
-    pub fn path(&self) -> &Path {
-        self.db.path()
-    }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -349,7 +348,7 @@ impl Store {
                     return Ok((out, Some(due)));
                 }
                 match Delivery::decode(&v) {
-                    Ok(delivery) => out.push(DueItem { key: k.to_vec(), delivery }),
+                    Ok(delivery) => out.push(DueItem { key: k.to_vec(), due_ms: due, delivery }),
                     Err(e) => quarantine(&tx, CF_WAITING, &k, &v, e.0),
                 }
             }

@@ -1,7 +1,7 @@
 //! The single writer thread: group commit of everything queued, sequence
 //! numbers in commit order, wake-ups only after the write is durable.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -245,13 +245,14 @@ impl Writer {
             .collect::<Result<Vec<_>, _>>()?;
         let now = now_ms();
         let mut results = Vec::with_capacity(events.len());
-        let mut pending: HashMap<&str, ()> = HashMap::new();
+
         for (event, prior) in events.iter().zip(found) {
             let seen = match prior {
                 Some(v) => !expired(&v, self.dedup_window_ms, now),
                 None => false,
             };
-            if seen || g.dedup_added.contains(&event.event_id) || pending.insert(&event.event_id, ()).is_some() {
+            // Also a duplicate if an earlier event of this group (this op or another) had the id.
+            if seen || !g.dedup_added.insert(event.event_id.clone()) {
                 results.push(Intake::Duplicate);
                 continue;
             }
@@ -264,7 +265,6 @@ impl Writer {
             }
             results.push(Intake::Accepted(event.deliveries.len()));
         }
-        g.dedup_added.extend(pending.into_keys().map(str::to_owned));
         g.sync |= self.sync_writes;
         Ok(results)
     }

@@ -48,10 +48,6 @@ impl Health {
             ("not_stopping", !self.stopping.load(Ordering::Acquire)),
         ]
     }
-
-    pub fn is_ready(&self, store: &Store) -> bool {
-        self.checks(store).iter().all(|(_, ok)| *ok)
-    }
 }
 
 #[derive(Clone)]
