@@ -27,7 +27,7 @@ use crate::dead_letter::{self, DeadLetters, DeliveryFailure};
 use crate::retry::{RetryDecision, RetryPolicy};
 use crate::route::Endpoint;
 use crate::store::{Next, ReadyItem, Store, now_ms};
-use crate::telemetry::metrics as m;
+use crate::telemetry::metrics::EndpointMetrics;
 use client::{AttemptRequest, HttpClient};
 use outcome::{AttemptError, Outcome, classify};
 
@@ -59,11 +59,8 @@ impl Deliverer {
         let in_flight = Arc::new(Semaphore::new(ep.config.max_in_flight.get()));
         let batch = ep.config.max_in_flight.get().clamp(16, 256);
         let mut cursor: Option<u64> = None;
-        metrics::gauge!(m::ENDPOINT_ENABLED, "endpoint" => ep.id().to_owned()).set(if ep.is_enabled() {
-            1.0
-        } else {
-            0.0
-        });
+        let metrics = Arc::new(EndpointMetrics::new(ep.id()));
+        metrics.enabled.set(if ep.is_enabled() { 1.0 } else { 0.0 });
         loop {
             let (items, scanned_to) = match self.store.load_ready(ep.id(), cursor, batch).await {
                 Ok(loaded) => loaded,
@@ -94,19 +91,18 @@ impl Deliverer {
                 cursor = Some(item.seq);
                 let needs_http = ep.is_enabled() && item.delivery.dead_letter_reason.is_none();
                 if needs_http && limiter.check().is_err() {
-                    metrics::counter!(m::RATE_LIMITED, "endpoint" => ep.id().to_owned()).increment(1);
+                    metrics.rate_limited.increment(1);
                     tokio::select! {
                         _ = limiter.until_ready() => {}
                         _ = shutdown.cancelled() => return,
                     }
                 }
-                let this = self.clone();
-                let ep = ep.clone();
+                let (this, ep, metrics) = (self.clone(), ep.clone(), metrics.clone());
                 let span = tracing::info_span!("attempt", endpoint = ep.id(), event_id = %item.delivery.event_id,
                     webhook_id = %item.delivery.webhook_id, attempt = item.delivery.attempts + 1);
                 self.attempts.spawn(
                     async move {
-                        this.settle(ep, item).await;
+                        this.settle(ep, item, &metrics).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -117,7 +113,7 @@ impl Deliverer {
     }
 
     /// Attempts one delivery (or finishes dead-lettering it) and records the result.
-    async fn settle(&self, ep: Arc<Endpoint>, item: ReadyItem) {
+    async fn settle(&self, ep: Arc<Endpoint>, item: ReadyItem, metrics: &EndpointMetrics) {
         let ReadyItem { key, delivery: mut d, .. } = item;
         let next = if let Some(reason) = d.dead_letter_reason.take() {
             self.dead_letter(d, DeliveryFailure::parse(&reason)).await
@@ -132,7 +128,7 @@ impl Deliverer {
                 d.first_attempt_ms = started_ms;
             }
             d.last_attempt_ms = started_ms;
-            let gauge = metrics::gauge!(m::IN_FLIGHT, "endpoint" => ep.id().to_owned());
+            let gauge = &metrics.in_flight;
             gauge.increment(1.0);
             let started = Instant::now();
             let request = AttemptRequest {
@@ -154,10 +150,9 @@ impl Deliverer {
             };
             gauge.decrement(1.0);
             let elapsed = started.elapsed();
-            metrics::histogram!(m::ATTEMPT_DURATION, "endpoint" => ep.id().to_owned()).record(elapsed.as_secs_f64());
+            metrics.attempt_duration.record(elapsed.as_secs_f64());
             let outcome = classify(&result);
-            metrics::counter!(m::DELIVERIES, "endpoint" => ep.id().to_owned(), "outcome" => outcome.as_str())
-                .increment(1);
+            metrics.delivery(outcome.as_str()).increment(1);
             match &result {
                 Ok(r) => {
                     d.last_status = r.status;
@@ -175,7 +170,7 @@ impl Deliverer {
                     let age = Duration::from_millis((now_ms() - d.first_attempt_ms).max(0) as u64);
                     match self.policy.decide_now(d.attempts, age, retry_after) {
                         RetryDecision::After(delay) => {
-                            metrics::counter!(m::RETRIES_SCHEDULED, "endpoint" => ep.id().to_owned()).increment(1);
+                            metrics.retries_scheduled.increment(1);
                             Some(Next::Wait { due_ms: now_ms() + delay.as_millis() as i64, delivery: d })
                         }
                         RetryDecision::Exhausted => self.dead_letter(d, DeliveryFailure::Exhausted).await,
@@ -189,7 +184,7 @@ impl Deliverer {
                     self.dead_letter(d, why).await
                 }
                 Outcome::Gone => {
-                    self.disable(&ep).await;
+                    self.disable(&ep, metrics).await;
                     self.dead_letter(d, DeliveryFailure::Gone).await
                 }
             }
@@ -227,12 +222,12 @@ impl Deliverer {
         })
     }
 
-    async fn disable(&self, ep: &Endpoint) {
+    async fn disable(&self, ep: &Endpoint, metrics: &EndpointMetrics) {
         if !ep.is_enabled() {
             return;
         }
         ep.set_enabled(false);
-        metrics::gauge!(m::ENDPOINT_ENABLED, "endpoint" => ep.id().to_owned()).set(0.0);
+        metrics.enabled.set(0.0);
         tracing::warn!(endpoint = ep.id(), "endpoint answered 410 Gone: disabled");
         let state = serde_json::json!({ "disabled": true, "reason": "gone", "status": 410, "at_ms": now_ms() });
         while let Err(e) = self.store.set_endpoint_disabled(ep.id(), Some(state.clone())).await {

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics::{Counter, Gauge, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Kafka messages read from the source topics.
@@ -82,4 +82,38 @@ pub fn install() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The `outcome` label values of [`DELIVERIES`].
+const OUTCOMES: [&str; 4] = ["delivered", "retry", "dead_letter", "gone"];
+
+/// One endpoint's series, resolved once per endpoint worker, so an attempt
+/// does no registry lookups and allocates no labels.
+pub struct EndpointMetrics {
+    pub in_flight: Gauge,
+    pub attempt_duration: Histogram,
+    pub rate_limited: Counter,
+    pub retries_scheduled: Counter,
+    pub enabled: Gauge,
+    deliveries: [Counter; 4],
+}
+
+impl EndpointMetrics {
+    pub fn new(endpoint: &str) -> Self {
+        let label = || ("endpoint", endpoint.to_owned());
+        EndpointMetrics {
+            in_flight: metrics::gauge!(IN_FLIGHT, &[label()]),
+            attempt_duration: metrics::histogram!(ATTEMPT_DURATION, &[label()]),
+            rate_limited: metrics::counter!(RATE_LIMITED, &[label()]),
+            retries_scheduled: metrics::counter!(RETRIES_SCHEDULED, &[label()]),
+            enabled: metrics::gauge!(ENDPOINT_ENABLED, &[label()]),
+            deliveries: OUTCOMES.map(|o| metrics::counter!(DELIVERIES, &[label(), ("outcome", o.to_owned())])),
+        }
+    }
+
+    /// The [`DELIVERIES`] counter for an outcome label (one of [`OUTCOMES`]).
+    pub fn delivery(&self, outcome: &str) -> &Counter {
+        let i = OUTCOMES.iter().position(|o| *o == outcome).expect("outcome labels are the catalogue's");
+        &self.deliveries[i]
+    }
 }
