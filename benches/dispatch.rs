@@ -48,7 +48,7 @@ fn benches(c: &mut Criterion) {
             _ => "\"Contact*\"".to_owned(),
         };
         toml.push_str(&format!(
-            "[[endpoints]]\nid = \"ep{i}\"\nurl = \"http://127.0.0.1:1/\"\nsecrets = [\"{SECRET}\"]\nevent_types = [{filter}]\nlocation_ids = [\"loc_{}\"]\n",
+            "[[endpoints]]\nid = \"ep{i}\"\nurl = \"https://hooks.example.com/\"\nsecrets = [\"{SECRET}\"]\nevent_types = [{filter}]\nlocation_ids = [\"loc_{}\"]\n",
             i % 100
         ));
     }

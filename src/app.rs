@@ -40,6 +40,8 @@ pub enum AppError {
     Kafka(#[from] KafkaError),
     #[error("admin listener on {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS client setup: {0}")]
+    Tls(#[from] rustls::Error),
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -119,7 +121,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
 
     let deliverer = Arc::new(Deliverer {
         store: store.clone(),
-        client: client::build(&config.delivery),
+        client: client::build(&config.delivery)?,
         dead_letters,
         policy: config.retry.clone(),
         max_response_bytes: config.delivery.max_response_bytes,

@@ -11,17 +11,24 @@
 //! `WEBHOOKD_ENDPOINTS__0__URL=https://…`. A value is read as TOML when it
 //! parses as one (`true`, `12`, `["a","b"]`) and as a plain string otherwise.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine;
+use hyper::header::HeaderValue;
+use ipnet::IpNet;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 use url::Url;
 
-use crate::deliver::sign::SigningSecret;
+use crate::deliver::guard::NetworkPolicy;
+use crate::deliver::sign::{EndpointSecret, Secrets, SigningSecret};
+use crate::redact::redacted_url;
 use crate::retry::RetryPolicy;
 use crate::route::TypeFilter;
 
@@ -105,6 +112,27 @@ pub struct DeliveryConfig {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     pub max_in_flight: NonZeroUsize,
+    /// Networks deliveries may reach even though the SSRF guard refuses them by default.
+    pub allow_networks: Vec<IpNet>,
+    /// Networks deliveries may never reach; wins over `allow_networks`.
+    pub deny_networks: Vec<IpNet>,
+    /// Refuse `http://` endpoints (at config time, and in the connector).
+    pub https_only: bool,
+    /// Trust anchors added to the webpki roots, for private PKI.
+    pub extra_ca: ExtraCa,
+}
+
+/// Extra CA certificates, read from a PEM bundle.
+#[derive(Clone, Default)]
+pub struct ExtraCa {
+    pub path: Option<PathBuf>,
+    pub certs: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for ExtraCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExtraCa({:?}, {} certificates)", self.path, self.certs.len())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -130,18 +158,41 @@ pub struct RateLimit {
     pub burst: NonZeroU32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EndpointConfig {
     pub id: String,
+    /// The URL requests go to, without any credentials (see `authorization`).
     pub url: Url,
+    /// `Basic` credentials taken out of the configured URL's user and password.
+    pub authorization: Option<HeaderValue>,
     pub enabled: bool,
     pub event_types: Vec<TypeFilter>,
     pub location_ids: Vec<String>,
-    pub secrets: Vec<SigningSecret>,
+    pub secrets: Secrets,
     pub rate_limit: RateLimit,
     pub max_in_flight: NonZeroUsize,
     pub attempt_timeout: Duration,
     pub legacy_hmac_header: bool,
+}
+
+/// Written by hand so that no credential reaches a log line: the URL's
+/// secret-looking query parameters are redacted and secrets are never shown.
+impl std::fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointConfig")
+            .field("id", &self.id)
+            .field("url", &redacted_url(&self.url))
+            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field("enabled", &self.enabled)
+            .field("event_types", &self.event_types)
+            .field("location_ids", &self.location_ids)
+            .field("secrets", &self.secrets)
+            .field("rate_limit", &self.rate_limit)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("legacy_hmac_header", &self.legacy_hmac_header)
+            .finish()
+    }
 }
 
 /// Every problem found in a configuration, each naming its key.
@@ -167,7 +218,8 @@ impl Config {
         })?;
         let mut from_env = BTreeMap::new();
         let mut problems = Vec::new();
-        for (name, value) in env {
+        let env: HashMap<String, String> = env.into_iter().collect();
+        for (name, value) in &env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
@@ -175,14 +227,16 @@ impl Config {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-            match set_path(&mut table, &path, env_value(&value)) {
+            match set_path(&mut table, &path, env_value(value)) {
                 Ok(()) => {
-                    from_env.insert(display_path(path.iter().map(String::as_str)), name);
+                    from_env.insert(display_path(path.iter().map(String::as_str)), name.clone());
                 }
                 Err(e) => problems.push(format!("{name}: {e}")),
             }
         }
-        let mut r = Reader { root: &table, seen: BTreeSet::new(), free_form: Vec::new(), problems, from_env };
+        let mut r = Reader::new(&table, env.clone());
+        r.problems = problems;
+        r.from_env = from_env;
         let config = Config::read(&mut r);
         r.unknown_keys();
         if r.problems.is_empty() { Ok(config) } else { Err(ConfigError { problems: r.problems }) }
@@ -230,6 +284,10 @@ impl Config {
             pool_idle_timeout: r.positive_duration("delivery.pool_idle_timeout", Duration::from_secs(90)),
             pool_max_idle_per_host: r.get("delivery.pool_max_idle_per_host", 64),
             max_in_flight: r.get("delivery.max_in_flight", nz_usize(16)),
+            allow_networks: r.networks("delivery.allow_networks"),
+            deny_networks: r.networks("delivery.deny_networks"),
+            https_only: r.get("delivery.https_only", false),
+            extra_ca: r.extra_ca("delivery.extra_ca_file"),
         };
         let retry = Self::read_retry(r);
         let admin = AdminConfig { listen: r.get("admin.listen", SocketAddr::from(([127, 0, 0, 1], 9090))) };
@@ -275,15 +333,7 @@ impl Config {
         if !id.is_empty() && !valid_endpoint_id(&id) {
             r.problem(&p("id"), "use 1-64 characters of A-Z a-z 0-9 . _ -");
         }
-        let url = r.get::<Option<Url>>(&p("url"), None).unwrap_or_else(|| {
-            if r.lookup(&p("url")).is_none() {
-                r.problem(&p("url"), "required");
-            }
-            Url::parse("http://invalid.invalid/").expect("static URL parses")
-        });
-        if !matches!(url.scheme(), "http" | "https") {
-            r.problem(&p("url"), &format!("scheme must be http or https, found {:?}", url.scheme()));
-        }
+        let (url, authorization) = r.endpoint_url(&p("url"), delivery);
         let event_types = r
             .list(&p("event_types"), &["*"])
             .iter()
@@ -295,20 +345,7 @@ impl Config {
                 }
             })
             .collect();
-        let secrets = r
-            .list(&p("secrets"), &[])
-            .iter()
-            .filter_map(|s| match SigningSecret::parse(s) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    r.problem(&p("secrets"), &e.to_string());
-                    None
-                }
-            })
-            .collect::<Vec<_>>();
-        if secrets.is_empty() && r.problems_for(&p("secrets")) == 0 {
-            r.problem(&p("secrets"), "at least one signing secret (whsec_…) is required");
-        }
+        let secrets = r.secrets(&p("secrets"));
         let per_second = r.get(&p("rate_limit.per_second"), NonZeroU32::MIN.saturating_add(99));
         let burst = r.get(&p("rate_limit.burst"), per_second);
         for (key, v) in [("rate_limit.per_second", per_second), ("rate_limit.burst", burst)] {
@@ -318,6 +355,7 @@ impl Config {
         }
         EndpointConfig {
             url,
+            authorization,
             enabled: r.get(&p("enabled"), true),
             event_types,
             location_ids: r.list(&p("location_ids"), &[]),
@@ -355,9 +393,24 @@ struct Reader<'a> {
     problems: Vec<String>,
     /// display path → the environment variable that set it
     from_env: BTreeMap<String, String>,
+    /// The whole environment, for secrets read from a variable.
+    env: HashMap<String, String>,
 }
 
-impl Reader<'_> {
+/// Most secrets an endpoint may have (current plus previous ones in rotation).
+const MAX_SECRETS: usize = 10;
+
+impl<'a> Reader<'a> {
+    fn new(root: &'a Table, env: HashMap<String, String>) -> Self {
+        Reader {
+            root,
+            seen: BTreeSet::new(),
+            free_form: Vec::new(),
+            problems: Vec::new(),
+            from_env: BTreeMap::new(),
+            env,
+        }
+    }
     fn lookup(&self, path: &str) -> Option<&Value> {
         let mut parts = path.split('.');
         let mut cur = self.root.get(parts.next()?)?;
@@ -379,11 +432,6 @@ impl Reader<'_> {
         let shown = display_path(path.split('.'));
         let origin = self.from_env.get(&shown).map(|v| format!(" (set by {v})")).unwrap_or_default();
         self.problems.push(format!("{shown}{origin}: {msg}"));
-    }
-
-    fn problems_for(&self, path: &str) -> usize {
-        let shown = display_path(path.split('.'));
-        self.problems.iter().filter(|p| p.starts_with(&shown)).count()
     }
 
     fn get<T: DeserializeOwned>(&mut self, path: &str, default: T) -> T {
@@ -464,6 +512,211 @@ impl Reader<'_> {
                 let found = short(v);
                 self.problem(path, &format!("expected an array of tables ([[{path}]]), found {found}"));
                 0
+            }
+        }
+    }
+
+    /// A list of CIDRs (`10.0.0.0/8`, `::1/128`; a bare address is one host).
+    fn networks(&mut self, path: &str) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for s in self.list(path, &[]) {
+            match s.parse::<IpNet>().or_else(|_| s.parse::<IpAddr>().map(IpNet::from)) {
+                Ok(net) => out.push(net.trunc()),
+                Err(_) => {
+                    self.problem(path, &format!("{s:?} is not a network; write e.g. \"10.0.0.0/8\" or \"::1/128\""))
+                }
+            }
+        }
+        out
+    }
+
+    /// A PEM bundle of CA certificates, read and parsed now so a bad file stops the start.
+    fn extra_ca(&mut self, path: &str) -> ExtraCa {
+        let Some(file) = self.get::<Option<PathBuf>>(path, None) else {
+            return ExtraCa::default();
+        };
+        let certs: Result<Vec<_>, _> = match CertificateDer::pem_file_iter(&file) {
+            Ok(iter) => iter.collect(),
+            Err(e) => Err(e),
+        };
+        let certs = match certs {
+            Ok(c) if c.is_empty() => {
+                self.problem(path, &format!("{}: no PEM certificate in it", file.display()));
+                Vec::new()
+            }
+            Ok(c) => c,
+            Err(e) => {
+                self.problem(path, &format!("{}: cannot read certificates: {e}", file.display()));
+                Vec::new()
+            }
+        };
+        let mut store = rustls::RootCertStore::empty();
+        for (i, cert) in certs.iter().enumerate() {
+            if let Err(e) = store.add(cert.clone()) {
+                self.problem(path, &format!("{}: certificate {} is not a usable CA: {e}", file.display(), i + 1));
+            }
+        }
+        ExtraCa { path: Some(file), certs }
+    }
+
+    /// The endpoint URL, checked against the scheme rules and (for IP
+    /// literals) the SSRF guard, with credentials moved into an
+    /// `authorization` header. Problems never quote the URL, which may hold credentials.
+    fn endpoint_url(&mut self, path: &str, delivery: &DeliveryConfig) -> (Url, Option<HeaderValue>) {
+        self.seen.insert(path.to_owned());
+        let placeholder = || Url::parse("http://invalid.invalid/").expect("static URL parses");
+        let mut url = match self.lookup(path).cloned() {
+            None => {
+                self.problem(path, "required");
+                return (placeholder(), None);
+            }
+            Some(Value::String(s)) => match Url::parse(&s) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.problem(path, &format!("not a valid URL: {e}"));
+                    return (placeholder(), None);
+                }
+            },
+            Some(_) => {
+                self.problem(path, "expected a URL string");
+                return (placeholder(), None);
+            }
+        };
+        match url.scheme() {
+            "https" => {}
+            "http" if delivery.https_only => {
+                self.problem(path, "http:// is refused: delivery.https_only is set; use https://")
+            }
+            "http" => {}
+            other => self.problem(path, &format!("scheme must be http or https, found {other:?}")),
+        }
+        let ip = match url.host() {
+            Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
+            Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
+            _ => None,
+        };
+        let policy = NetworkPolicy::new(delivery.allow_networks.clone(), delivery.deny_networks.clone());
+        if let Some(Err(refusal)) = ip.map(|ip| policy.check(ip)) {
+            self.problem(path, &format!("destination refused: {refusal}"));
+        }
+        let mut authorization = None;
+        if !url.username().is_empty() || url.password().is_some() {
+            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+            let pair = format!("{}:{}", decode(url.username()), decode(url.password().unwrap_or("")));
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            let mut value = HeaderValue::try_from(format!("Basic {encoded}")).expect("base64 is a valid header value");
+            value.set_sensitive(true);
+            authorization = Some(value);
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+        }
+        (url, authorization)
+    }
+
+    /// An endpoint's signing secrets. Each is a `whsec_…` string, or a table
+    /// naming where it comes from (`value`, `env` or `file`) with an optional
+    /// `expires` (RFC 3339) for a previous secret kept during a rotation.
+    /// Problems name the entry, never its value.
+    fn secrets(&mut self, path: &str) -> Secrets {
+        self.seen.insert(path.to_owned());
+        self.free_form(path);
+        let entries: Vec<Value> = match self.lookup(path).cloned() {
+            None => Vec::new(),
+            // One string: the environment override form, comma-separated.
+            Some(Value::String(s)) => s.split(',').filter(|s| !s.trim().is_empty()).map(Value::from).collect(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.problem(path, "expected a list of secrets");
+                return Secrets::default();
+            }
+        };
+        if entries.len() > MAX_SECRETS {
+            self.problem(path, &format!("at most {MAX_SECRETS} secrets, found {}", entries.len()));
+        }
+        let before = self.problems.len();
+        let mut list = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let at = format!("{path}.{i}");
+            if let Some(s) = self.secret(&at, entry) {
+                list.push(s);
+            }
+        }
+        if self.problems.len() == before {
+            if list.is_empty() {
+                self.problem(path, "at least one signing secret (whsec_…) is required");
+            } else if list.iter().all(|s| s.expires_at.is_some()) {
+                self.problem(
+                    path,
+                    "one secret must have no `expires`: it is the current one; entries with `expires` are \
+                     previous secrets kept during a rotation",
+                );
+            }
+        }
+        Secrets::new(list)
+    }
+
+    fn secret(&mut self, at: &str, entry: &Value) -> Option<EndpointSecret> {
+        let (raw, expires) = match entry {
+            Value::String(s) => (s.clone(), None),
+            Value::Table(t) => {
+                for key in t.keys().filter(|k| !["value", "env", "file", "expires"].contains(&k.as_str())) {
+                    self.problem(&format!("{at}.{key}"), "unknown key (expected value, env, file or expires)");
+                }
+                let sources: Vec<_> = ["value", "env", "file"].into_iter().filter(|k| t.contains_key(*k)).collect();
+                let [source] = sources[..] else {
+                    self.problem(at, "give exactly one of `value`, `env` or `file`");
+                    return None;
+                };
+                let Some(Value::String(s)) = t.get(source) else {
+                    self.problem(&format!("{at}.{source}"), "expected a string");
+                    return None;
+                };
+                let raw = match source {
+                    "env" => match self.env.get(s) {
+                        Some(v) => v.clone(),
+                        None => {
+                            self.problem(&format!("{at}.env"), &format!("environment variable {s} is not set"));
+                            return None;
+                        }
+                    },
+                    "file" => match std::fs::read_to_string(s) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.problem(&format!("{at}.file"), &format!("cannot read {s}: {e}"));
+                            return None;
+                        }
+                    },
+                    _ => s.clone(),
+                };
+                (raw, t.get("expires"))
+            }
+            _ => {
+                self.problem(at, "expected a whsec_… string or a table { value | env | file, expires }");
+                return None;
+            }
+        };
+        let expires_at = match expires {
+            None => None,
+            Some(v) => {
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Datetime(d) => d.to_string(),
+                    _ => String::new(),
+                };
+                match time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339) {
+                    Ok(t) => Some(t.unix_timestamp()),
+                    Err(_) => {
+                        self.problem(&format!("{at}.expires"), "expected an RFC 3339 time, e.g. 2026-12-01T00:00:00Z");
+                        return None;
+                    }
+                }
+            }
+        };
+        match SigningSecret::parse(&raw) {
+            Ok(secret) => Some(EndpointSecret { secret, expires_at }),
+            Err(e) => {
+                self.problem(at, &e.to_string());
+                None
             }
         }
     }
@@ -573,6 +826,7 @@ fn set_in_value(target: &mut Value, path: &[String], value: Value) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD as B64;
 
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -587,23 +841,12 @@ mod tests {
         let empty = Config::from_toml_str("", Vec::new()).expect("valid");
         assert_eq!(format!("{documented:?}"), format!("{empty:?}"), "config/webhookd.toml must show the defaults");
         // Every key a reader asks for is documented in the file.
-        let mut r = Reader {
-            root: &Table::new(),
-            seen: BTreeSet::new(),
-            free_form: Vec::new(),
-            problems: Vec::new(),
-            from_env: BTreeMap::new(),
-        };
+        let empty_table = Table::new();
+        let mut r = Reader::new(&empty_table, HashMap::new());
         let _ = Config::read(&mut r);
         let mut with_endpoint = Table::new();
         with_endpoint.insert("endpoints".into(), Value::Array(vec![Value::Table(Table::new())]));
-        let mut r2 = Reader {
-            root: &with_endpoint,
-            seen: BTreeSet::new(),
-            free_form: Vec::new(),
-            problems: Vec::new(),
-            from_env: BTreeMap::new(),
-        };
+        let mut r2 = Reader::new(&with_endpoint, HashMap::new());
         let _ = Config::read(&mut r2);
         for path in r.seen.iter().chain(r2.seen.iter()) {
             let key = path.rsplit('.').next().expect("key");
@@ -619,7 +862,8 @@ mod tests {
 
     #[test]
     fn environment_overrides_reach_nested_keys_and_arrays() {
-        let toml = format!("[[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1:1/\"\nsecrets = [\"{SECRET}\"]\n");
+        let toml =
+            format!("[[endpoints]]\nid = \"a\"\nurl = \"https://hooks.example.com/\"\nsecrets = [\"{SECRET}\"]\n");
         let c = Config::from_toml_str(
             &toml,
             env(&[
@@ -644,7 +888,7 @@ mod tests {
     fn every_problem_is_reported_at_once_by_path() {
         let toml = "[source]\ntopics = [\"t\"]\ndead_letter_topic = \"t\"\nsession_timeout = 5\n[log]\nformat = \"xml\"\n\
                     [[endpoints]]\nid = \"a\"\nurl = \"not a url\"\nsecrets = [\"whsec_c2hvcnQ=\"]\nevent_types = [\"*x\"]\n\
-                    [[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1/\"\nsecrets = []\nrate_limit = { burst = 5000000 }\n";
+                    [[endpoints]]\nid = \"a\"\nurl = \"https://hooks.example.com/\"\nsecrets = []\nrate_limit = { burst = 5000000 }\n";
         let err = Config::from_toml_str(
             toml,
             env(&[("WEBHOOKD_DELIVERY__MAX_IN_FLIGHT", "0"), ("WEBHOOKD_SOURCE__COMMIT_INTERVAL", "0s")]),
@@ -656,7 +900,7 @@ mod tests {
             "source.session_timeout: expected a duration string",
             "log.format: expected \"text\" or \"json\"",
             "endpoints[0].url",
-            "endpoints[0].secrets: a signing secret's key must be 24 to 64 bytes",
+            "endpoints[0].secrets[0]: a signing secret's key must be 24 to 64 bytes",
             "endpoints[0].event_types: bad event-type filter",
             "endpoints[1].id: duplicate endpoint id",
             "endpoints[1].secrets: at least one signing secret",
@@ -667,6 +911,111 @@ mod tests {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }
         assert_eq!(err.problems.len(), 11, "{text}");
+    }
+
+    fn endpoint_toml(url: &str, secrets: &str) -> String {
+        format!("[[endpoints]]\nid = \"a\"\nurl = \"{url}\"\nsecrets = {secrets}\n")
+    }
+
+    #[test]
+    fn secrets_come_from_the_file_the_environment_or_a_mounted_file_with_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("secret");
+        let old = "whsec_dGhpcyBpcyBhIGRlbW8gc2VjcmV0IGtleSAxMjM0NTY3OA==";
+        std::fs::write(&file, format!("{old}\n")).expect("write");
+        let secrets = format!(
+            "[{{ env = \"CRM_SECRET\" }}, {{ file = {:?}, expires = \"2030-01-01T00:00:00Z\" }}, \
+             {{ value = \"{SECRET}\", expires = 2020-01-01T00:00:00Z }}]",
+            file.display()
+        );
+        let c = Config::from_toml_str(
+            &endpoint_toml("https://hooks.example.com/", &secrets),
+            env(&[("CRM_SECRET", "whsec_c2VjcmV0LWZyb20tdGhlLWVudmlyb25tZW50LTEyMzQ=")]),
+        )
+        .expect("valid");
+        let s = &c.endpoints[0].secrets;
+        assert_eq!(s.len(), 3);
+        let from_env = SigningSecret::parse("whsec_c2VjcmV0LWZyb20tdGhlLWVudmlyb25tZW50LTEyMzQ=").expect("valid");
+        let from_file = SigningSecret::parse(old).expect("valid");
+        assert_eq!(s.current(), Some(&from_env));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert_eq!(s.active(now).collect::<Vec<_>>(), [&from_env, &from_file], "the 2020 secret has expired");
+        let shown = format!("{c:?}");
+        for secret in [SECRET, old, "whsec_c2VjcmV0"] {
+            assert!(!shown.contains(secret), "Debug output shows a secret: {shown}");
+        }
+    }
+
+    #[test]
+    fn secret_problems_name_the_entry_and_never_quote_the_value() {
+        let leaked = "whsec_TGVha2VkLXNlY3JldC1tdXN0LW5vdC1hcHBlYXI";
+        let cases = [
+            (format!("[\"{leaked}!\"]"), "endpoints[0].secrets[0]: a signing secret must be whsec_ followed by base64"),
+            ("[{ env = \"NOPE\" }]".to_owned(), "endpoints[0].secrets[0].env: environment variable NOPE is not set"),
+            ("[{ file = \"/nonexistent/s\" }]".to_owned(), "endpoints[0].secrets[0].file: cannot read /nonexistent/s"),
+            (format!("[{{ value = \"{leaked}\", env = \"X\" }}]"), "endpoints[0].secrets[0]: give exactly one of"),
+            (
+                format!("[{{ value = \"{leaked}\", expires = \"soon\" }}]"),
+                "endpoints[0].secrets[0].expires: expected an RFC 3339",
+            ),
+            (format!("[{{ value = \"{leaked}\", expire = \"x\" }}]"), "endpoints[0].secrets[0].expire: unknown key"),
+            (
+                format!("[{{ value = \"{SECRET}\", expires = \"2030-01-01T00:00:00Z\" }}]"),
+                "one secret must have no `expires`",
+            ),
+            (format!("[{{ value = [\"{leaked}\"] }}]"), "endpoints[0].secrets[0].value: expected a string"),
+            ("[]".to_owned(), "endpoints[0].secrets: at least one signing secret"),
+        ];
+        for (secrets, needle) in cases {
+            let err = Config::from_toml_str(&endpoint_toml("https://hooks.example.com/", &secrets), Vec::new())
+                .expect_err(needle)
+                .to_string();
+            assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+            assert!(!err.contains("TGVha2Vk"), "an error quotes a secret: {err}");
+        }
+    }
+
+    #[test]
+    fn url_credentials_become_a_basic_authorization_and_are_never_shown() {
+        let c = Config::from_toml_str(
+            &endpoint_toml("https://alice:p%40ss@hooks.example.com/in?token=t0k3n", &format!("[\"{SECRET}\"]")),
+            Vec::new(),
+        )
+        .expect("valid");
+        let e = &c.endpoints[0];
+        assert_eq!(e.url.as_str(), "https://hooks.example.com/in?token=t0k3n", "credentials leave the URL");
+        let auth = e.authorization.as_ref().expect("authorization");
+        assert!(auth.is_sensitive());
+        assert_eq!(auth.to_str().expect("ascii"), format!("Basic {}", B64.encode("alice:p@ss")));
+        let shown = format!("{c:?}");
+        for secret in ["alice", "p%40ss", "p@ss", "t0k3n", &B64.encode("alice:p@ss")] {
+            assert!(!shown.contains(secret), "Debug output shows {secret}: {shown}");
+        }
+        let bad = Config::from_toml_str(&endpoint_toml("https://bob:hunter2@[bad", "[]"), Vec::new()).expect_err("bad");
+        assert!(!bad.to_string().contains("hunter2"), "{bad}");
+    }
+
+    #[test]
+    fn the_ssrf_guard_and_https_only_are_applied_to_urls_at_config_time() {
+        let secrets = format!("[\"{SECRET}\"]");
+        for url in ["http://169.254.169.254/latest", "http://10.0.0.1/", "http://[::1]:8080/", "http://2130706433/"] {
+            let err = Config::from_toml_str(&endpoint_toml(url, &secrets), Vec::new()).expect_err(url).to_string();
+            assert!(err.contains("endpoints[0].url: destination refused"), "{url}: {err}");
+        }
+        let allowed = format!(
+            "[delivery]\nallow_networks = [\"10.0.0.0/8\", \"::1\"]\n{}",
+            endpoint_toml("http://10.0.0.1/", &secrets)
+        );
+        let c = Config::from_toml_str(&allowed, Vec::new()).expect("allow-listed");
+        assert_eq!(c.delivery.allow_networks.len(), 2);
+        let https_only =
+            format!("[delivery]\nhttps_only = true\n{}", endpoint_toml("http://hooks.example.com/", &secrets));
+        let err = Config::from_toml_str(&https_only, Vec::new()).expect_err("http refused").to_string();
+        assert!(err.contains("endpoints[0].url: http:// is refused: delivery.https_only is set"), "{err}");
+        let bad_net = "[delivery]\nallow_networks = [\"10.0.0.0/33\"]\nextra_ca_file = \"/nonexistent/ca.pem\"\n";
+        let err = Config::from_toml_str(bad_net, Vec::new()).expect_err("bad").to_string();
+        assert!(err.contains("delivery.allow_networks: \"10.0.0.0/33\" is not a network"), "{err}");
+        assert!(err.contains("delivery.extra_ca_file: /nonexistent/ca.pem: cannot read certificates"), "{err}");
     }
 
     #[test]

@@ -49,8 +49,10 @@ pub enum DeliveryFailure {
     EndpointDisabled,
     /// The endpoint is no longer in the configuration.
     EndpointRemoved,
-    /// The request was refused before sending (e.g. a forbidden destination).
+    /// The request could not be built.
     Refused,
+    /// The SSRF guard refused the endpoint's address.
+    DestinationRefused,
 }
 
 impl DeliveryFailure {
@@ -62,6 +64,7 @@ impl DeliveryFailure {
             DeliveryFailure::EndpointDisabled => "endpoint_disabled",
             DeliveryFailure::EndpointRemoved => "endpoint_removed",
             DeliveryFailure::Refused => "refused",
+            DeliveryFailure::DestinationRefused => "destination_refused",
         }
     }
 
@@ -72,6 +75,7 @@ impl DeliveryFailure {
             "endpoint_disabled" => DeliveryFailure::EndpointDisabled,
             "endpoint_removed" => DeliveryFailure::EndpointRemoved,
             "refused" => DeliveryFailure::Refused,
+            "destination_refused" => DeliveryFailure::DestinationRefused,
             _ => DeliveryFailure::Rejected,
         }
     }

@@ -25,7 +25,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::deliver::sign::{SigningSecret, signature_header};
+use crate::deliver::sign::{Secrets, signature_header};
 
 const CATALOGUE: &[&str] = &[
     "ContactCreate",
@@ -50,7 +50,7 @@ const CATALOGUE: &[&str] = &[
 
 #[derive(Default)]
 struct Receiver {
-    secrets: HashMap<String, Vec<SigningSecret>>,
+    secrets: HashMap<String, Secrets>,
     seen: Mutex<HashMap<String, u32>>,
 }
 
@@ -131,7 +131,7 @@ async fn handle(r: Arc<Receiver>, req: Request<Incoming>) -> Result<Response<Ful
     let body = req.into_body().collect().await?.to_bytes();
     let verified = match (r.secrets.get(&path), ts.parse::<i64>()) {
         (Some(secrets), Ok(ts)) => {
-            let expected = signature_header(secrets, &id, ts, &body);
+            let expected = signature_header(secrets.active(ts), &id, ts, &body);
             expected.split(' ').any(|s| sig.split(' ').any(|g| g == s))
         }
         _ => false,

@@ -15,13 +15,15 @@
 //!    endpoint state.
 //! 5. [`deliver`]: one worker per endpoint, with its rate limit and in-flight
 //!    cap; [`deliver::sign`] signs, [`deliver::client`] sends within the
-//!    attempt budget, [`deliver::outcome`] classifies the answer.
+//!    attempt budget through [`deliver::guard`] (the SSRF guard),
+//!    [`deliver::outcome`] classifies the answer.
 //! 6. [`retry`]: backoff policy; [`schedule`] brings due retries back.
 //! 7. [`dead_letter`]: the dead-letter topic and its record format.
 //!
 //! Around them: [`config`] (typed, validated configuration), [`telemetry`]
-//! (metrics catalogue, admin listener, logs), and [`app`], which wires the
-//! stages together and owns shutdown.
+//! (metrics catalogue, admin listener, logs), [`redact`] (URLs printed
+//! without credentials), and [`app`], which wires the stages together and
+//! owns shutdown.
 
 pub mod app;
 pub mod config;
@@ -29,6 +31,7 @@ pub mod dead_letter;
 pub mod deliver;
 pub mod demo;
 pub mod event;
+pub mod redact;
 pub mod retry;
 pub mod route;
 pub mod schedule;

@@ -70,10 +70,11 @@ impl Endpoint {
         let config = EndpointConfig {
             id: id.to_owned(),
             url: url::Url::parse("http://removed.invalid/").expect("static URL parses"),
+            authorization: None,
             enabled: false,
             event_types: Vec::new(),
             location_ids: Vec::new(),
-            secrets: Vec::new(),
+            secrets: Default::default(),
             rate_limit: crate::config::RateLimit {
                 per_second: std::num::NonZeroU32::MIN.saturating_add(999),
                 burst: std::num::NonZeroU32::MIN.saturating_add(999),
@@ -239,22 +240,22 @@ mod tests {
             r#"
             [[endpoints]]
             id = "all"
-            url = "http://127.0.0.1:1/"
+            url = "https://hooks.example.com/"
             secrets = ["{SECRET}"]
             [[endpoints]]
             id = "contacts"
-            url = "http://127.0.0.1:1/"
+            url = "https://hooks.example.com/"
             event_types = ["Contact*", "ContactCreate"]
             secrets = ["{SECRET}"]
             [[endpoints]]
             id = "loc42-invoices"
-            url = "http://127.0.0.1:1/"
+            url = "https://hooks.example.com/"
             event_types = ["InvoicePaid"]
             location_ids = ["loc_42"]
             secrets = ["{SECRET}"]
             [[endpoints]]
             id = "off"
-            url = "http://127.0.0.1:1/"
+            url = "https://hooks.example.com/"
             enabled = false
             secrets = ["{SECRET}"]
             "#
@@ -283,7 +284,7 @@ mod tests {
                 _ => "location_ids = [\"loc_9\"]".into(),
             };
             toml.push_str(&format!(
-                "[[endpoints]]\nid = \"e{i}\"\nurl = \"http://127.0.0.1:1/\"\nsecrets = [\"{SECRET}\"]\nevent_types = [\"{f1}\", \"{f2}\"]\n{locs}\nenabled = {}\n",
+                "[[endpoints]]\nid = \"e{i}\"\nurl = \"https://hooks.example.com/\"\nsecrets = [\"{SECRET}\"]\nevent_types = [\"{f1}\", \"{f2}\"]\n{locs}\nenabled = {}\n",
                 i % 7 != 0
             ));
         }

@@ -1,52 +1,73 @@
 //! One pooled HTTP client for every endpoint, and a single attempt on it.
 //!
-//! Keep-alive connections are pooled per host; HTTPS goes through rustls with
-//! the webpki trust roots. Redirects are never followed (the legacy client
-//! does not follow them; a 3xx is classified as permanent). Each attempt,
-//! from connect to the last byte of the response body, runs inside its own
-//! budget; the response status, once it has arrived in time, decides the outcome.
+//! Keep-alive connections are pooled per host. Every connection goes through
+//! the SSRF guard ([`super::guard`]): names are resolved once and every
+//! address checked, IP literals are checked, and the socket connects only to
+//! checked addresses. HTTPS goes through rustls with the webpki (Mozilla) trust
+//! roots plus an optional extra CA bundle; in HTTPS-only mode the connector
+//! refuses plain HTTP as well as the config. Redirects are never followed (the
+//! legacy client does not follow them; a 3xx is classified as permanent). Each
+//! attempt, from connect to the last byte of the response body, runs inside its
+//! own budget; the response status, once it has arrived in time, decides the outcome.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use super::guard::{self, GuardedConnector, GuardedResolver, Lookup, NetworkPolicy, SystemLookup};
 use super::outcome::{AttemptError, Response, parse_retry_after};
-use super::sign::{self, SigningSecret};
+use super::sign::{self, Secrets};
 use crate::config::DeliveryConfig;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<GuardedConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
 
 pub const USER_AGENT_VALUE: &str = concat!("webhookd/", env!("CARGO_PKG_VERSION"));
 
-pub fn build(cfg: &DeliveryConfig) -> HttpClient {
-    let mut http = HttpConnector::new();
+/// The client, resolving names with the system resolver.
+pub fn build(cfg: &DeliveryConfig) -> Result<HttpClient, rustls::Error> {
+    build_with_lookup(cfg, Arc::new(SystemLookup))
+}
+
+/// The client, resolving names with `lookup` (tests script DNS answers).
+pub fn build_with_lookup(cfg: &DeliveryConfig, lookup: Arc<dyn Lookup>) -> Result<HttpClient, rustls::Error> {
+    let policy = Arc::new(NetworkPolicy::new(cfg.allow_networks.clone(), cfg.deny_networks.clone()));
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(policy.clone(), lookup));
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.attempt_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
+    let tcp = GuardedConnector::new(http, policy);
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for cert in &cfg.extra_ca.certs {
+        roots.add(cert.clone())?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+    let https = if cfg.https_only { builder.https_only() } else { builder.https_or_http() };
+    Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-        .build(https)
+        .build(https.enable_http1().wrap_connector(tcp)))
 }
 
 /// Everything one attempt sends.
 pub struct AttemptRequest<'a> {
     pub url: &'a url::Url,
+    /// Sent as `authorization` (from credentials written in the endpoint URL).
+    pub authorization: Option<&'a HeaderValue>,
     pub webhook_id: &'a str,
     pub body: Bytes,
-    pub secrets: &'a [SigningSecret],
+    pub secrets: &'a Secrets,
     pub legacy_hmac_header: bool,
     pub budget: Duration,
     pub max_response_bytes: usize,
@@ -60,17 +81,23 @@ pub async fn attempt(client: &HttpClient, a: AttemptRequest<'_>) -> Result<Respo
         .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE))
         .header("webhook-id", a.webhook_id)
         .header("webhook-timestamp", ts)
-        .header("webhook-signature", sign::signature_header(a.secrets, a.webhook_id, ts, &a.body));
+        .header("webhook-signature", sign::signature_header(a.secrets.active(ts), a.webhook_id, ts, &a.body));
     if a.legacy_hmac_header
-        && let Some(first) = a.secrets.first()
+        && let Some(current) = a.secrets.current()
     {
-        req = req.header("x-hmac-signature", sign::legacy_signature(first, &a.body));
+        req = req.header("x-hmac-signature", sign::legacy_signature(current, &a.body));
+    }
+    if let Some(auth) = a.authorization {
+        req = req.header(AUTHORIZATION, auth.clone());
     }
     let req = req.body(Full::new(a.body)).map_err(|e| AttemptError::Refused(format!("bad request: {e}")))?;
     let deadline = tokio::time::Instant::now() + a.budget;
     let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
         Err(_) => return Err(AttemptError::Timeout(a.budget)),
         Ok(Err(e)) => {
+            if let Some(refused) = guard::find_refusal(&e) {
+                return Err(AttemptError::Destination(refused.to_string()));
+            }
             let detail = error_chain(&e);
             return Err(if e.is_connect() { AttemptError::Connect(detail) } else { AttemptError::Io(detail) });
         }
@@ -110,4 +137,168 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    //! The guard inside the real client, over real loopback sockets: listeners
+    //! count every connection they accept, so "refused" means "nothing connected".
+
+    use std::net::{IpAddr, SocketAddr};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::deliver::guard::BoxFuture;
+    use crate::deliver::sign::{EndpointSecret, SigningSecret};
+
+    /// A loopback HTTP server answering 204, counting accepted connections.
+    async fn listener(addr: SocketAddr) -> Option<(SocketAddr, Arc<AtomicUsize>)> {
+        let l = tokio::net::TcpListener::bind(addr).await.ok()?;
+        let bound = l.local_addr().ok()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        hyper::Response::builder().status(204).body(Full::new(Bytes::new()))
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                });
+            }
+        });
+        Some((bound, accepted))
+    }
+
+    /// Scripted DNS: answers in order (the last one repeats), counting lookups.
+    struct Script {
+        answers: Mutex<Vec<Vec<IpAddr>>>,
+        calls: AtomicUsize,
+    }
+
+    impl Script {
+        fn new(answers: &[&[&str]]) -> Arc<Script> {
+            let answers = answers.iter().map(|a| a.iter().map(|s| s.parse().expect("ip")).collect()).collect();
+            Arc::new(Script { answers: Mutex::new(answers), calls: AtomicUsize::new(0) })
+        }
+    }
+
+    impl Lookup for Script {
+        fn lookup(&self, _: &str) -> BoxFuture<std::io::Result<Vec<IpAddr>>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut a = self.answers.lock().expect("lock");
+            let next = if a.len() > 1 { a.remove(0) } else { a[0].clone() };
+            Box::pin(async move { Ok(next) })
+        }
+    }
+
+    fn delivery(toml: &str) -> DeliveryConfig {
+        Config::from_toml_str(toml, Vec::new()).expect("valid").delivery
+    }
+
+    async fn send(client: &HttpClient, url: &str) -> Result<Response, AttemptError> {
+        let url = url::Url::parse(url).expect("URL");
+        let secret = SigningSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
+        let secrets = Secrets::new(vec![EndpointSecret { secret, expires_at: None }]);
+        attempt(
+            client,
+            AttemptRequest {
+                url: &url,
+                authorization: None,
+                webhook_id: "msg_1",
+                body: Bytes::from_static(b"{}"),
+                secrets: &secrets,
+                legacy_hmac_header: false,
+                budget: Duration::from_secs(5),
+                max_response_bytes: 1024,
+            },
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn hostile_urls_are_refused_before_anything_connects() {
+        let (v4, v4_accepts) = listener("127.0.0.1:0".parse().expect("addr")).await.expect("bind 127.0.0.1");
+        let p = v4.port();
+        let v6 = listener(SocketAddr::new("::1".parse().expect("ip"), p)).await;
+        let client = build(&delivery("")).expect("client");
+        let mut urls: Vec<String> = [
+            "127.0.0.1",
+            "127.1",
+            "2130706433",
+            "0x7f.0.0.1",
+            "0177.0.0.1",
+            "0x7f000001",
+            "[::ffff:127.0.0.1]",
+            "[::ffff:7f00:1]",
+            "[::1]",
+            "[0:0:0:0:0:0:0:1]",
+            "localhost",
+        ]
+        .iter()
+        .map(|h| format!("http://{h}:{p}/"))
+        .collect();
+        urls.push(format!("https://localhost:{p}/"));
+        for url in &urls {
+            match send(&client, url).await {
+                Err(AttemptError::Destination(why)) => assert!(why.contains("loopback"), "{url}: {why}"),
+                other => panic!("{url} was not refused: {other:?}"),
+            }
+        }
+        assert_eq!(v4_accepts.load(Ordering::SeqCst), 0, "something connected to 127.0.0.1");
+        if let Some((_, v6_accepts)) = v6 {
+            assert_eq!(v6_accepts.load(Ordering::SeqCst), 0, "something connected to ::1");
+        }
+        // The same listener is reachable once loopback is allow-listed: the refusals above were the guard.
+        let allowed = build(&delivery("[delivery]\nallow_networks = [\"127.0.0.0/8\"]\n")).expect("client");
+        assert_eq!(send(&allowed, &format!("http://127.0.0.1:{p}/")).await.expect("delivered").status, 204);
+        assert_eq!(v4_accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_name_with_any_bad_address_is_refused_and_connections_are_pinned_to_checked_addresses() {
+        // 127.0.0.2 stands in for a public address (allow-listed), 127.0.0.3
+        // for a private one: both are real loopback listeners on one port.
+        let (good, good_accepts) = listener("127.0.0.2:0".parse().expect("addr")).await.expect("bind 127.0.0.2");
+        let (_, bad_accepts) =
+            listener(SocketAddr::new("127.0.0.3".parse().expect("ip"), good.port())).await.expect("bind 127.0.0.3");
+        let cfg = delivery("[delivery]\nallow_networks = [\"127.0.0.2/32\"]\npool_max_idle_per_host = 0\n");
+        let url = format!("http://hooks.test:{}/", good.port());
+
+        // One answer, two addresses, one of them bad: refused, nothing connects.
+        let mixed = Script::new(&[&["127.0.0.2", "127.0.0.3"]]);
+        let client = build_with_lookup(&cfg, mixed.clone()).expect("client");
+        assert!(matches!(send(&client, &url).await, Err(AttemptError::Destination(_))));
+        assert_eq!((good_accepts.load(Ordering::SeqCst), bad_accepts.load(Ordering::SeqCst)), (0, 0));
+
+        // Rebinding: good first, bad on every later lookup. The first connection
+        // goes to the checked address; the next lookup is refused; no lookup
+        // happens between check and connect.
+        let rebind = Script::new(&[&["127.0.0.2"], &["127.0.0.3"]]);
+        let client = build_with_lookup(&cfg, rebind.clone()).expect("client");
+        assert_eq!(send(&client, &url).await.expect("delivered").status, 204);
+        assert!(matches!(send(&client, &url).await, Err(AttemptError::Destination(_))));
+        assert_eq!(rebind.calls.load(Ordering::SeqCst), 2, "one lookup per connection");
+        assert_eq!((good_accepts.load(Ordering::SeqCst), bad_accepts.load(Ordering::SeqCst)), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn pooling_still_works_behind_the_guard() {
+        let (addr, accepts) = listener("127.0.0.2:0".parse().expect("addr")).await.expect("bind 127.0.0.2");
+        let lookup = Script::new(&[&["127.0.0.2"]]);
+        let client = build_with_lookup(&delivery("[delivery]\nallow_networks = [\"127.0.0.2/32\"]\n"), lookup.clone())
+            .expect("client");
+        for _ in 0..5 {
+            assert_eq!(send(&client, &format!("http://pooled.test:{}/", addr.port())).await.expect("ok").status, 204);
+        }
+        assert_eq!(lookup.calls.load(Ordering::SeqCst), 1, "one lookup for one pooled connection");
+        assert_eq!(accepts.load(Ordering::SeqCst), 1, "five requests on one connection");
+    }
 }

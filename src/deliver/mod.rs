@@ -11,6 +11,7 @@
 //! retry policy → one store write (done / wait / dead) that settles it.
 
 pub mod client;
+pub mod guard;
 pub mod outcome;
 pub mod sign;
 
@@ -133,6 +134,7 @@ impl Deliverer {
             let started = Instant::now();
             let request = AttemptRequest {
                 url: &ep.config.url,
+                authorization: ep.config.authorization.as_ref(),
                 webhook_id: &d.webhook_id,
                 body: d.payload.clone(),
                 secrets: &ep.config.secrets,
@@ -179,6 +181,7 @@ impl Deliverer {
                 Outcome::DeadLetter => {
                     let why = match result {
                         Err(AttemptError::Refused(_)) => DeliveryFailure::Refused,
+                        Err(AttemptError::Destination(_)) => DeliveryFailure::DestinationRefused,
                         _ => DeliveryFailure::Rejected,
                     };
                     self.dead_letter(d, why).await

@@ -21,6 +21,9 @@ pub enum AttemptError {
     Io(String),
     #[error("request refused before sending: {0}")]
     Refused(String),
+    /// The SSRF guard refused the destination: permanent.
+    #[error("{0}")]
+    Destination(String),
 }
 
 /// What the receiver answered.
@@ -59,7 +62,7 @@ impl Outcome {
 pub fn classify(result: &Result<Response, AttemptError>) -> Outcome {
     let response = match result {
         Ok(r) => r,
-        Err(AttemptError::Refused(_)) => return Outcome::DeadLetter,
+        Err(AttemptError::Refused(_) | AttemptError::Destination(_)) => return Outcome::DeadLetter,
         Err(_) => return Outcome::Retry { retry_after: None },
     };
     match response.status {
@@ -137,7 +140,8 @@ mod tests {
         ] {
             assert_eq!(classify(&Err(e)), Outcome::Retry { retry_after: None });
         }
-        assert_eq!(classify(&Err(AttemptError::Refused("blocked address".into()))), Outcome::DeadLetter);
+        assert_eq!(classify(&Err(AttemptError::Refused("bad header".into()))), Outcome::DeadLetter);
+        assert_eq!(classify(&Err(AttemptError::Destination("10.0.0.1 is private".into()))), Outcome::DeadLetter);
     }
 
     #[test]

@@ -3,7 +3,12 @@
 //! `webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`,
 //! one `v1,…` per active secret, space-separated, where the key is the
 //! base64-decoded part of a `whsec_…` secret. The legacy `x-hmac-signature`
-//! is the hex HMAC-SHA256 of the body alone under the first secret.
+//! is the hex HMAC-SHA256 of the body alone under the current secret.
+//!
+//! An endpoint has one current secret and, during a rotation, previous ones
+//! that expire: every secret still active signs, so receivers can switch keys
+//! at their own pace. Key material never leaves this module in readable form:
+//! `Debug` prints `<redacted>` and errors never quote the value.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -52,11 +57,60 @@ impl std::fmt::Debug for SigningSecret {
     }
 }
 
+/// One of an endpoint's secrets: the current one has no expiry; previous ones
+/// keep signing until theirs (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSecret {
+    pub secret: SigningSecret,
+    pub expires_at: Option<i64>,
+}
+
+/// An endpoint's secrets, the current ones first.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secrets(Vec<EndpointSecret>);
+
+impl Secrets {
+    pub fn new(mut list: Vec<EndpointSecret>) -> Self {
+        list.sort_by_key(|s| s.expires_at.is_some());
+        Secrets(list)
+    }
+
+    /// The secrets that sign at `now` (unix seconds).
+    pub fn active(&self, now: i64) -> impl Iterator<Item = &SigningSecret> {
+        self.0.iter().filter(move |s| s.expires_at.is_none_or(|at| now < at)).map(|s| &s.secret)
+    }
+
+    /// The secret with no expiry that the legacy header uses.
+    pub fn current(&self) -> Option<&SigningSecret> {
+        self.0.iter().find(|s| s.expires_at.is_none()).map(|s| &s.secret)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let expiries: Vec<_> = self.0.iter().map(|s| s.expires_at).collect();
+        write!(f, "Secrets(<{} redacted>, expires_at: {expiries:?})", self.0.len())
+    }
+}
+
 /// The `webhook-signature` header value for one message.
-pub fn signature_header(secrets: &[SigningSecret], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut out = String::with_capacity(secrets.len() * 48);
+pub fn signature_header<'a>(
+    secrets: impl IntoIterator<Item = &'a SigningSecret>,
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
+    let mut out = String::with_capacity(96);
     let ts = timestamp.to_string();
-    for (i, secret) in secrets.iter().enumerate() {
+    for (i, secret) in secrets.into_iter().enumerate() {
         let mut mac = secret.mac();
         mac.update(msg_id.as_bytes());
         mac.update(b".");
@@ -114,6 +168,23 @@ mod tests {
         assert_eq!(SigningSecret::parse("whsec_c2hvcnQ="), Err(SecretError::BadLength(5)));
         let s = SigningSecret::parse(SPEC_SECRET).expect("valid");
         assert_eq!(format!("{s:?}"), "SigningSecret(<redacted>)");
+        let set = Secrets::new(vec![EndpointSecret { secret: s, expires_at: Some(5) }]);
+        assert_eq!(format!("{set:?}"), "Secrets(<1 redacted>, expires_at: [Some(5)])");
+    }
+
+    #[test]
+    fn previous_secrets_sign_until_they_expire() {
+        let current = SigningSecret::parse(SPEC_SECRET).expect("valid");
+        let old = SigningSecret::parse(&format!("whsec_{}", B64.encode([7u8; 32]))).expect("valid");
+        let set = Secrets::new(vec![
+            EndpointSecret { secret: old.clone(), expires_at: Some(1000) },
+            EndpointSecret { secret: current.clone(), expires_at: None },
+        ]);
+        assert_eq!(set.current(), Some(&current));
+        assert_eq!(set.active(999).collect::<Vec<_>>(), [&current, &old], "current first, then previous");
+        assert_eq!(set.active(1000).collect::<Vec<_>>(), [&current], "expired at its instant");
+        let header = signature_header(set.active(999), SPEC_ID, SPEC_TS, SPEC_BODY);
+        assert!(header.starts_with(SPEC_SIG) && header.split(' ').count() == 2, "{header}");
     }
 
     #[test]

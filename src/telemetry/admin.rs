@@ -1,4 +1,7 @@
 //! The admin listener: `/metrics`, `/healthz` (liveness) and `/readyz`.
+//!
+//! It binds loopback unless `admin.listen` says otherwise, and serves nothing
+//! secret: metric labels are endpoint ids and reasons, never URLs or keys.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,6 +70,12 @@ pub async fn bind(
 ) -> std::io::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    if !local.ip().is_loopback() {
+        // Deliberate in a pod (the kubelet and Prometheus must reach it); a
+        // surprise anywhere else. It serves no secrets, but it does show the
+        // endpoint ids and traffic.
+        tracing::warn!(admin = %local, "the admin listener is reachable from other hosts (admin.listen)");
+    }
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

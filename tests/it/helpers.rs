@@ -3,9 +3,11 @@
 //! RocksDB in a temp dir, and HTTP receivers on 127.0.0.1:0 whose answers the
 //! test controls.
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -234,7 +236,16 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(behaviour: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        Self::start_on("127.0.0.1:0", None, behaviour).await
+    }
+
+    /// A receiver on a chosen loopback address, speaking TLS when given an acceptor.
+    pub async fn start_on(
+        bind: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        behaviour: impl Fn(&Hit) -> Reply + Send + Sync + 'static,
+    ) -> Receiver {
+        let listener = tokio::net::TcpListener::bind(bind).await.expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(ReceiverState {
             hits: Mutex::new(Vec::new()),
@@ -248,9 +259,20 @@ impl Receiver {
                     continue;
                 };
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(s.clone(), req));
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    match tls {
+                        None => {
+                            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            // A handshake the client aborts (untrusted certificate) just ends here.
+                            if let Ok(tls_stream) = acceptor.accept(stream).await {
+                                let _ = http1::Builder::new().serve_connection(TokioIo::new(tls_stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -329,6 +351,83 @@ async fn handle(s: Arc<ReceiverState>, req: Request<Incoming>) -> Result<Respons
 
 // ---------------------------------------------------------------- daemon
 
+/// The daemon as a process, its stderr drained into a channel of lines.
+pub struct Proc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// Spawns with extra environment variables (none of the caller's log settings).
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webhookd"))
+            .args(args)
+            .env_remove("WEBHOOKD_LOG")
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn webhookd");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Waits for a JSON log line with this field; returns its value.
+    pub fn log_field(&self, field: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no log line with {field:?}"));
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(s) = v[field].as_str()
+            {
+                return s.to_owned();
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "webhookd did not exit within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn write_config(dir: &Path, toml: &str) -> String {
+    let path = dir.join("webhookd.toml");
+    std::fs::write(&path, toml.replace("level = \"warn\"", "level = \"info\"\nformat = \"json\""))
+        .expect("write config");
+    path.display().to_string()
+}
+
 /// A test configuration: the broker, one topic, a temp store, fast retries.
 pub fn config(kafka: &Kafka, topic: &str, store: &Path, retry: &str, endpoints: &str) -> String {
     format!(
@@ -349,6 +448,7 @@ sync_writes = false
 listen = "127.0.0.1:0"
 [delivery]
 shutdown_grace = "2s"
+allow_networks = ["127.0.0.0/8", "::1/128"]
 [retry]
 {retry}
 [log]

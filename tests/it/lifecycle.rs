@@ -2,11 +2,8 @@
 //! the binary's handling of bad configuration.
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::helpers::*;
 
@@ -45,77 +42,6 @@ async fn pending_retries_resume_after_a_restart() {
     d.stop().await;
 }
 
-/// The daemon as a process, its stderr drained into a channel of lines.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_webhookd"))
-            .args(args)
-            .env_remove("WEBHOOKD_LOG")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn webhookd");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// Waits for a JSON log line with this field; returns its value.
-    fn log_field(&self, field: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no log line with {field:?}"));
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && let Some(s) = v[field].as_str()
-            {
-                return s.to_owned();
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill").success();
-        assert!(ok, "kill {sig} failed");
-    }
-
-    async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "webhookd did not exit within {limit:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_config(dir: &Path, toml: &str) -> String {
-    let path = dir.join("webhookd.toml");
-    std::fs::write(&path, toml.replace("level = \"warn\"", "level = \"info\"\nformat = \"json\""))
-        .expect("write config");
-    path.display().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_nothing() {
     let kafka = Kafka::start();
@@ -152,7 +78,8 @@ async fn embedded_broker_quick_start_and_sigterm_exit_zero() {
     let rx = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = format!(
-        "[store]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n{}",
+        "[store]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[delivery]\nallow_networks = [\"127.0.0.0/8\"]\n\
+         [log]\nformat = \"json\"\n{}",
         dir.path().join("db").display(),
         endpoint("a", &rx.url("/"), "")
     );
