@@ -65,7 +65,34 @@ pub struct SourceConfig {
     pub embedded_partitions: NonZeroU32,
     pub envelope: EnvelopeConfig,
     /// Extra librdkafka properties, passed through verbatim (security, SASL…).
-    pub kafka: BTreeMap<String, String>,
+    pub kafka: KafkaProperties,
+}
+
+/// librdkafka properties. `Debug` masks the values of secret ones
+/// (`sasl.password`, `ssl.key.pem`, `sasl.oauthbearer.client.secret`, …).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaProperties(pub BTreeMap<String, String>);
+
+impl KafkaProperties {
+    fn is_secret(key: &str) -> bool {
+        ["password", "secret", "key", "jaas", "token", "credential"].iter().any(|w| key.contains(w))
+    }
+}
+
+impl<'a> IntoIterator for &'a KafkaProperties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (k, if Self::is_secret(k) { "<redacted>" } else { v.as_str() })))
+            .finish()
+    }
 }
 
 /// Where the envelope's fields live in a message.
@@ -263,9 +290,8 @@ impl Config {
                 id_header: r.get::<Option<String>>("source.envelope.id_header", None),
                 type_header: r.get::<Option<String>>("source.envelope.type_header", None),
             },
-            kafka: r.get("source.kafka", BTreeMap::new()),
+            kafka: r.kafka_properties("source.kafka"),
         };
-        r.free_form("source.kafka");
         if source.topics.is_empty() {
             r.problem("source.topics", "at least one topic is required");
         }
@@ -514,6 +540,32 @@ impl<'a> Reader<'a> {
                 0
             }
         }
+    }
+
+    /// librdkafka properties: a table of strings. Problems name the property,
+    /// never its value (it may be a password).
+    fn kafka_properties(&mut self, path: &str) -> KafkaProperties {
+        self.seen.insert(path.to_owned());
+        self.free_form(path);
+        let mut out = BTreeMap::new();
+        match self.lookup(path).cloned() {
+            None => {}
+            Some(Value::Table(t)) => {
+                for (k, v) in t {
+                    match v {
+                        Value::String(s) => {
+                            out.insert(k, s);
+                        }
+                        Value::Integer(_) | Value::Boolean(_) | Value::Float(_) => {
+                            out.insert(k, v.to_string());
+                        }
+                        _ => self.problem(path, &format!("{k:?}: expected a string, number or boolean")),
+                    }
+                }
+            }
+            Some(_) => self.problem(path, "expected a table of librdkafka properties"),
+        }
+        KafkaProperties(out)
     }
 
     /// A list of CIDRs (`10.0.0.0/8`, `::1/128`; a bare address is one host).
@@ -1027,5 +1079,17 @@ mod tests {
         )
         .expect_err("unknown");
         assert_eq!(err.problems, vec!["sorce.brokers: unknown key".to_owned()], "librdkafka properties are free-form");
+        let c = Config::from_toml_str(
+            "[source.kafka]\n\"sasl.password\" = \"hunter2\"\n\"ssl.key.pem\" = \"PEMDATA\"\n\"linger.ms\" = 5\n",
+            Vec::new(),
+        )
+        .expect("valid");
+        assert_eq!(c.source.kafka.0["linger.ms"], "5");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("PEMDATA") && shown.contains("linger.ms"), "{shown}");
+        let err = Config::from_toml_str("[source.kafka]\n\"sasl.password\" = [\"hunter2\"]\n", Vec::new())
+            .expect_err("not a string")
+            .to_string();
+        assert!(err.contains("\"sasl.password\": expected a string") && !err.contains("hunter2"), "{err}");
     }
 }

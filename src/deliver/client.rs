@@ -144,8 +144,7 @@ mod tests {
     //! The guard inside the real client, over real loopback sockets: listeners
     //! count every connection they accept, so "refused" means "nothing connected".
 
-    use std::net::{IpAddr, SocketAddr};
-    use std::sync::Mutex;
+    use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use hyper::server::conn::http1;
@@ -154,11 +153,20 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::deliver::guard::BoxFuture;
+    use crate::deliver::guard::Script;
     use crate::deliver::sign::{EndpointSecret, SigningSecret};
 
     /// A loopback HTTP server answering 204, counting accepted connections.
     async fn listener(addr: SocketAddr) -> Option<(SocketAddr, Arc<AtomicUsize>)> {
+        answering(addr, 204, None).await
+    }
+
+    /// A loopback HTTP server answering `status` (with a `location`, if given).
+    async fn answering(
+        addr: SocketAddr,
+        status: u16,
+        location: Option<String>,
+    ) -> Option<(SocketAddr, Arc<AtomicUsize>)> {
         let l = tokio::net::TcpListener::bind(addr).await.ok()?;
         let bound = l.local_addr().ok()?;
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -166,37 +174,20 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let location = location.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(|_req| async {
-                        hyper::Response::builder().status(204).body(Full::new(Bytes::new()))
+                    let svc = service_fn(move |_req| {
+                        let mut resp = hyper::Response::builder().status(status);
+                        if let Some(l) = &location {
+                            resp = resp.header("location", l);
+                        }
+                        std::future::ready(resp.body(Full::new(Bytes::new())))
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
                 });
             }
         });
         Some((bound, accepted))
-    }
-
-    /// Scripted DNS: answers in order (the last one repeats), counting lookups.
-    struct Script {
-        answers: Mutex<Vec<Vec<IpAddr>>>,
-        calls: AtomicUsize,
-    }
-
-    impl Script {
-        fn new(answers: &[&[&str]]) -> Arc<Script> {
-            let answers = answers.iter().map(|a| a.iter().map(|s| s.parse().expect("ip")).collect()).collect();
-            Arc::new(Script { answers: Mutex::new(answers), calls: AtomicUsize::new(0) })
-        }
-    }
-
-    impl Lookup for Script {
-        fn lookup(&self, _: &str) -> BoxFuture<std::io::Result<Vec<IpAddr>>> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            let mut a = self.answers.lock().expect("lock");
-            let next = if a.len() > 1 { a.remove(0) } else { a[0].clone() };
-            Box::pin(async move { Ok(next) })
-        }
     }
 
     fn delivery(toml: &str) -> DeliveryConfig {
@@ -287,6 +278,30 @@ mod tests {
         assert!(matches!(send(&client, &url).await, Err(AttemptError::Destination(_))));
         assert_eq!(rebind.calls.load(Ordering::SeqCst), 2, "one lookup per connection");
         assert_eq!((good_accepts.load(Ordering::SeqCst), bad_accepts.load(Ordering::SeqCst)), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn redirects_are_never_followed_even_to_allowed_addresses() {
+        let (target, target_accepts) = listener("127.0.0.3:0".parse().expect("addr")).await.expect("bind 127.0.0.3");
+        let location = format!("http://127.0.0.3:{}/", target.port());
+        for status in [301, 302, 303, 307, 308] {
+            let (from, _) = answering("127.0.0.2:0".parse().expect("addr"), status, Some(location.clone()))
+                .await
+                .expect("bind 127.0.0.2");
+            let cfg = delivery("[delivery]\nallow_networks = [\"127.0.0.2/32\", \"127.0.0.3/32\"]\n");
+            let r = send(&build(&cfg).expect("client"), &format!("http://127.0.0.2:{}/", from.port())).await;
+            assert_eq!(r.expect("answered").status, status, "the 3xx itself is the answer");
+        }
+        assert_eq!(target_accepts.load(Ordering::SeqCst), 0, "a redirect was followed");
+    }
+
+    #[tokio::test]
+    async fn https_only_refuses_plain_http_in_the_connector_too() {
+        let (addr, accepts) = listener("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
+        let cfg = delivery("[delivery]\nhttps_only = true\nallow_networks = [\"127.0.0.1/32\"]\n");
+        let r = send(&build(&cfg).expect("client"), &format!("http://127.0.0.1:{}/", addr.port())).await;
+        assert!(matches!(&r, Err(AttemptError::Connect(why)) if why.contains("unsupported scheme http")), "{r:?}");
+        assert_eq!(accepts.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

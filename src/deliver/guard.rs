@@ -43,7 +43,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// IANA special-purpose IPv4 ranges, most specific first.
 static SPECIAL_V4: LazyLock<Vec<(Ipv4Net, &'static str)>> = LazyLock::new(|| {
@@ -304,6 +304,31 @@ pub fn find_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
     None
 }
 
+/// Scripted DNS for tests: answers in order (the last one repeats), counting lookups.
+#[cfg(test)]
+pub(crate) struct Script {
+    answers: std::sync::Mutex<Vec<Vec<IpAddr>>>,
+    pub calls: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl Script {
+    pub fn new(answers: &[&[&str]]) -> Arc<Script> {
+        let answers = answers.iter().map(|a| a.iter().map(|s| s.parse().expect("ip")).collect()).collect();
+        Arc::new(Script { answers: std::sync::Mutex::new(answers), calls: 0.into() })
+    }
+}
+
+#[cfg(test)]
+impl Lookup for Script {
+    fn lookup(&self, _: &str) -> BoxFuture<io::Result<Vec<IpAddr>>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut a = self.answers.lock().expect("lock");
+        let next = if a.len() > 1 { a.remove(0) } else { a[0].clone() };
+        Box::pin(async move { Ok(next) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,40 +432,22 @@ mod tests {
         assert!(public_denied.check("1.1.1.1".parse().expect("ip")).is_err());
     }
 
-    /// Scripted DNS answers, one per call, counting calls.
-    struct Script {
-        answers: std::sync::Mutex<Vec<Vec<IpAddr>>>,
-        calls: std::sync::atomic::AtomicUsize,
-    }
-
-    impl Lookup for Script {
-        fn lookup(&self, _: &str) -> BoxFuture<io::Result<Vec<IpAddr>>> {
-            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mut a = self.answers.lock().expect("lock");
-            let next = if a.len() > 1 { a.remove(0) } else { a[0].clone() };
-            Box::pin(async move { Ok(next) })
-        }
-    }
-
-    fn ips(list: &[&str]) -> Vec<IpAddr> {
-        list.iter().map(|s| s.parse().expect("ip")).collect()
-    }
-
     #[tokio::test]
     async fn one_bad_answer_refuses_the_name() {
         let policy = Arc::new(NetworkPolicy::default());
         for answer in [
-            ips(&["10.0.0.1"]),
-            ips(&["93.184.215.14", "10.0.0.1"]),
-            ips(&["2606:4700::1", "fd00:ec2::254"]),
-            ips(&["93.184.215.14", "::ffff:169.254.169.254"]),
+            &["10.0.0.1"][..],
+            &["93.184.215.14", "10.0.0.1"],
+            &["2606:4700::1", "fd00:ec2::254"],
+            &["93.184.215.14", "::ffff:169.254.169.254"],
         ] {
-            let lookup = Arc::new(Script { answers: std::sync::Mutex::new(vec![answer.clone()]), calls: 0.into() });
-            let r = GuardedResolver::new(policy.clone(), lookup);
+            let r = GuardedResolver::new(policy.clone(), Script::new(&[answer]));
             let err = r.resolve("hooks.example.com").await.expect_err("refused");
             assert!(err.downcast_ref::<DestinationRefused>().is_some(), "{answer:?}: {err}");
         }
-        let empty = Arc::new(Script { answers: std::sync::Mutex::new(vec![vec![]]), calls: 0.into() });
+        let public = GuardedResolver::new(policy.clone(), Script::new(&[&["93.184.215.14", "2606:4700::1"]]));
+        assert_eq!(public.resolve("hooks.example.com").await.expect("public").len(), 2);
+        let empty = Script::new(&[&[]]);
         let err = GuardedResolver::new(policy, empty).resolve("x.example").await.expect_err("no address");
         assert!(err.to_string().contains("no address"), "{err}");
     }
