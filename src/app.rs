@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, KafkaProperties};
 use crate::dead_letter::DeadLetters;
 use crate::deliver::{Deliverer, client};
 use crate::route::{Endpoint, Registry};
@@ -37,13 +37,27 @@ pub enum AppError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("Kafka: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     #[error("admin listener on {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("TLS client setup: {0}")]
     Tls(#[from] rustls::Error),
     #[error("internal task failed: {0}")]
     Task(String),
+}
+
+impl From<KafkaError> for AppError {
+    /// rust-rdkafka prints a refused property's value, which may be a password:
+    /// keep the key, drop the value (and librdkafka's description, which can quote it).
+    fn from(e: KafkaError) -> Self {
+        AppError::Kafka(match e {
+            KafkaError::ClientConfig(code, desc, key, _) => {
+                let desc = if KafkaProperties::is_secret(&key) { "invalid value".to_owned() } else { desc };
+                KafkaError::ClientConfig(code, desc, key, "<redacted>".to_owned())
+            }
+            other => other,
+        })
+    }
 }
 
 /// A running webhookd.
@@ -237,5 +251,25 @@ async fn adopt_orphans(
             },
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::types::RDKafkaConfRes;
+
+    use super::*;
+
+    #[test]
+    fn refused_kafka_properties_never_show_their_values() {
+        let desc = "Invalid value \"hunter2\" for configuration property \"sasl.password\"".to_owned();
+        let e = KafkaError::ClientConfig(
+            RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            desc,
+            "sasl.password".into(),
+            "hunter2".into(),
+        );
+        let shown = AppError::from(e).to_string();
+        assert!(shown.contains("sasl.password") && !shown.contains("hunter2"), "{shown}");
     }
 }

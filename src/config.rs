@@ -74,7 +74,7 @@ pub struct SourceConfig {
 pub struct KafkaProperties(pub BTreeMap<String, String>);
 
 impl KafkaProperties {
-    fn is_secret(key: &str) -> bool {
+    pub fn is_secret(key: &str) -> bool {
         ["password", "secret", "key", "jaas", "token", "credential"].iter().any(|w| key.contains(w))
     }
 }
@@ -240,8 +240,11 @@ impl Config {
 
     /// Parses TOML text with the given environment (tests pass their own).
     pub fn from_toml_str(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
-        let mut table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
-            problems: vec![format!("TOML syntax: {}", e.to_string().trim())],
+        // Only the message and the position: the error's own Display quotes
+        // the offending line, which may hold a secret.
+        let mut table: Table = text.parse().map_err(|e: toml::de::Error| {
+            let at = e.span().map(|s| line_col(text, s.start)).map(|(l, c)| format!(" at line {l}, column {c}"));
+            ConfigError { problems: vec![format!("TOML syntax{}: {}", at.unwrap_or_default(), e.message().trim())] }
         })?;
         let mut from_env = BTreeMap::new();
         let mut problems = Vec::new();
@@ -552,14 +555,25 @@ impl<'a> Reader<'a> {
             None => {}
             Some(Value::Table(t)) => {
                 for (k, v) in t {
-                    match v {
-                        Value::String(s) => {
-                            out.insert(k, s);
+                    let value = match v {
+                        Value::String(s) => s,
+                        Value::Integer(_) | Value::Boolean(_) | Value::Float(_) => v.to_string(),
+                        _ => {
+                            self.problem(path, &format!("{k:?}: expected a string, number or boolean"));
+                            continue;
                         }
-                        Value::Integer(_) | Value::Boolean(_) | Value::Float(_) => {
-                            out.insert(k, v.to_string());
+                    };
+                    // librdkafka checks each property on its own now, so `check`
+                    // catches a misspelt one; its message quotes bad values,
+                    // which is dropped for secret ones.
+                    match rdkafka::ClientConfig::new().set(&k, &value).create_native_config() {
+                        Err(rdkafka::error::KafkaError::ClientConfig(_, desc, _, _)) => {
+                            let why = if KafkaProperties::is_secret(&k) { "invalid value".to_owned() } else { desc };
+                            self.problem(path, &format!("{k:?}: librdkafka refuses it: {why}"));
                         }
-                        _ => self.problem(path, &format!("{k:?}: expected a string, number or boolean")),
+                        _ => {
+                            out.insert(k, value);
+                        }
                     }
                 }
             }
@@ -653,8 +667,16 @@ impl<'a> Reader<'a> {
         }
         let mut authorization = None;
         if !url.username().is_empty() || url.password().is_some() {
-            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-            let pair = format!("{}:{}", decode(url.username()), decode(url.password().unwrap_or("")));
+            if url.scheme() == "http" {
+                self.problem(path, "credentials in an http:// URL would cross the network in cleartext; use https://");
+            }
+            let user: Vec<u8> = percent_encoding::percent_decode_str(url.username()).collect();
+            if user.contains(&b':') {
+                self.problem(path, "the user name in the URL contains ':', which Basic authentication cannot carry");
+            }
+            let mut pair = user;
+            pair.push(b':');
+            pair.extend(percent_encoding::percent_decode_str(url.password().unwrap_or("")));
             let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
             let mut value = HeaderValue::try_from(format!("Basic {encoded}")).expect("base64 is a valid header value");
             value.set_sensitive(true);
@@ -723,6 +745,12 @@ impl<'a> Reader<'a> {
                     self.problem(&format!("{at}.{source}"), "expected a string");
                     return None;
                 };
+                if source != "value" && s.trim_start().starts_with("whsec_") {
+                    // The secret itself where a name belongs: say so without quoting it.
+                    let hint = "this looks like the secret itself; give it as `value`, or name where it is";
+                    self.problem(&format!("{at}.{source}"), hint);
+                    return None;
+                }
                 let raw = match source {
                     "env" => match self.env.get(s) {
                         Some(v) => v.clone(),
@@ -821,6 +849,14 @@ fn display_path<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
         }
     }
     out
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
 }
 
 fn short(v: &Value) -> String {
@@ -1017,6 +1053,8 @@ mod tests {
             ),
             (format!("[{{ value = [\"{leaked}\"] }}]"), "endpoints[0].secrets[0].value: expected a string"),
             ("[]".to_owned(), "endpoints[0].secrets: at least one signing secret"),
+            (format!("[{{ env = \"{leaked}\" }}]"), "endpoints[0].secrets[0].env: this looks like the secret itself"),
+            (format!("[{{ file = \"{leaked}\" }}]"), "endpoints[0].secrets[0].file: this looks like the secret itself"),
         ];
         for (secrets, needle) in cases {
             let err = Config::from_toml_str(&endpoint_toml("https://hooks.example.com/", &secrets), Vec::new())
@@ -1045,6 +1083,19 @@ mod tests {
         }
         let bad = Config::from_toml_str(&endpoint_toml("https://bob:hunter2@[bad", "[]"), Vec::new()).expect_err("bad");
         assert!(!bad.to_string().contains("hunter2"), "{bad}");
+        let secrets = format!("[\"{SECRET}\"]");
+        let cleartext =
+            Config::from_toml_str(&endpoint_toml("http://bob:hunter2@hooks.example.com/", &secrets), Vec::new())
+                .expect_err("credentials over http")
+                .to_string();
+        assert!(cleartext.contains("would cross the network in cleartext") && !cleartext.contains("hunter2"));
+        let colon = Config::from_toml_str(&endpoint_toml("https://a%3Ab:pw@hooks.example.com/", &secrets), Vec::new())
+            .expect_err("colon in user");
+        assert!(colon.to_string().contains("contains ':'"), "{colon}");
+        let raw = Config::from_toml_str(&endpoint_toml("https://u:%FF%00@hooks.example.com/", &secrets), Vec::new())
+            .expect("raw bytes");
+        let sent = raw.endpoints[0].authorization.as_ref().expect("auth").to_str().expect("ascii").to_owned();
+        assert_eq!(sent, format!("Basic {}", B64.encode(b"u:\xff\x00")), "password bytes sent as written");
     }
 
     #[test]
@@ -1073,6 +1124,18 @@ mod tests {
     #[test]
     fn syntax_errors_and_unknown_keys_are_named() {
         assert!(Config::from_toml_str("[source\n", Vec::new()).expect_err("bad").to_string().contains("TOML syntax"));
+        let err =
+            Config::from_toml_str("[log]\nlevel = \"info\"\n[source.kafka]\n\"sasl.password\" = hunter2\n", Vec::new())
+                .expect_err("unquoted value")
+                .to_string();
+        assert!(err.contains("TOML syntax at line 4, column") && !err.contains("hunter2"), "{err}");
+        let err =
+            Config::from_toml_str("[source.kafka]\n\"linger.msx\" = \"5\"\n\"ssl.key.password\" = \"\"\n", Vec::new())
+                .expect_err("librdkafka refuses");
+        assert!(
+            err.to_string().contains("\"linger.msx\": librdkafka refuses it: No such configuration property"),
+            "{err}"
+        );
         let err = Config::from_toml_str(
             "[sorce]\nbrokers = []\n[source.kafka]\n\"security.protocol\" = \"SSL\"\n",
             Vec::new(),

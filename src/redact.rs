@@ -1,9 +1,11 @@
 //! Printing URLs without the credentials people put in them.
 //!
-//! Endpoint URLs sometimes carry a password (`https://user:pass@host/`) or a
-//! token in the query (`?token=…`, `?sig=…`, `?api_key=…`). Wherever webhookd
-//! prints a URL it prints [`redacted_url`]: user information is replaced and
-//! the values of secret-looking query parameters are masked.
+//! Endpoint URLs sometimes carry a password (`https://user:pass@host/`), a
+//! token in the query (`?token=…`, `?sig=…`, `?api_key=…`) or a token in the
+//! path (Slack's `/services/T…/B…/<token>`, Discord's `/api/webhooks/<id>/<token>`).
+//! Wherever webhookd prints a URL it prints [`redacted_url`]: user information
+//! is replaced, path segments that look like tokens and the values of
+//! secret-looking query parameters are masked.
 
 use url::Url;
 
@@ -19,12 +21,27 @@ pub fn is_secret_param(name: &str) -> bool {
     SECRET_WORDS.iter().any(|w| lower.contains(w))
 }
 
+/// A path segment that is long, or mixes letters and digits like an id or a
+/// token does. Masking a harmless one costs nothing.
+fn looks_like_token(seg: &str) -> bool {
+    let letters = seg.bytes().any(|b| b.is_ascii_alphabetic());
+    let digits = seg.bytes().any(|b| b.is_ascii_digit());
+    seg.len() > 16 || (seg.len() >= 8 && letters && digits)
+}
+
 /// `url` with user information and secret-looking query values masked.
 pub fn redacted_url(url: &Url) -> String {
     let mut u = url.clone();
     if !u.username().is_empty() || u.password().is_some() {
         let _ = u.set_username(MASK);
         let _ = u.set_password(None);
+    }
+    let path: Vec<String> = u
+        .path_segments()
+        .map(|segs| segs.map(|s| if looks_like_token(s) { MASK.to_owned() } else { s.to_owned() }).collect())
+        .unwrap_or_default();
+    if !path.is_empty() {
+        u.set_path(&path.join("/"));
     }
     if u.query().is_some() {
         let pairs: Vec<(String, String)> = u
@@ -55,5 +72,10 @@ mod tests {
         assert!(shown.starts_with("https://REDACTED@hooks.example.com/in?tenant=7&token=REDACTED"), "{shown}");
         let plain = Url::parse("https://hooks.example.com/in?page=2").expect("URL");
         assert_eq!(redacted_url(&plain), "https://hooks.example.com/in?page=2");
+        let slack =
+            Url::parse("https://hooks.slack.com/services/T0AAAAAAA/B0BBBBBBB/abcdefghijklmnopqrstuvwx").expect("URL");
+        assert_eq!(redacted_url(&slack), "https://hooks.slack.com/services/REDACTED/REDACTED/REDACTED");
+        let discord = Url::parse("https://discord.com/api/webhooks/123456789012345678/Zx9-token_part").expect("URL");
+        assert_eq!(redacted_url(&discord), "https://discord.com/api/webhooks/REDACTED/REDACTED");
     }
 }

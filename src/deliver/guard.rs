@@ -25,8 +25,10 @@
 //! unspecified and the other IANA special-purpose IPv4 ranges; for IPv6,
 //! everything outside global unicast `2000::/3` (loopback, unique-local
 //! `fc00::/7` with AWS's `fd00:ec2::254`, link-local, multicast, IPv4-mapped and
-//! IPv4-compatible forms) plus Teredo, documentation and benchmarking ranges;
-//! NAT64 and 6to4 addresses are judged by the IPv4 address they carry.
+//! IPv4-compatible forms) plus Teredo, 6to4, documentation and benchmarking
+//! ranges; NAT64 addresses (`64:ff9b::/96`) are judged, and matched against the
+//! lists, by the IPv4 address they carry. A site-specific NAT64 prefix cannot
+//! be recognised: deny it with `delivery.deny_networks`.
 //! `delivery.allow_networks` lets chosen ranges through; `delivery.deny_networks`
 //! refuses more, and wins over the allow-list.
 
@@ -83,6 +85,7 @@ static SPECIAL_V6: LazyLock<Vec<(Ipv6Net, &'static str)>> = LazyLock::new(|| {
         ("64:ff9b:1::/48", "a local-use NAT64 address"),
         ("100::/64", "a discard-only address"),
         ("2001::/32", "a Teredo address"),
+        ("2002::/16", "a 6to4 address (deprecated by RFC 7526; it tunnels to an embedded IPv4 address)"),
         ("2001:2::/48", "a benchmarking address"),
         ("2001:10::/28", "an ORCHID address"),
         ("2001:20::/28", "an ORCHID address"),
@@ -100,7 +103,6 @@ static SPECIAL_V6: LazyLock<Vec<(Ipv6Net, &'static str)>> = LazyLock::new(|| {
 
 static GLOBAL_UNICAST_V6: LazyLock<Ipv6Net> = LazyLock::new(|| "2000::/3".parse().expect("static CIDR parses"));
 static NAT64_V6: LazyLock<Ipv6Net> = LazyLock::new(|| "64:ff9b::/96".parse().expect("static CIDR parses"));
-static SIX_TO_FOUR_V6: LazyLock<Ipv6Net> = LazyLock::new(|| "2002::/16".parse().expect("static CIDR parses"));
 
 /// Why an address is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,9 +135,15 @@ impl NetworkPolicy {
 
     /// Ok if a delivery may connect to `addr`.
     pub fn check(&self, addr: IpAddr) -> Result<(), Refusal> {
-        // ::ffff:10.0.0.1 is 10.0.0.1 on the wire: lists match either spelling.
+        // ::ffff:10.0.0.1 is 10.0.0.1 on the wire, and NAT64's 64:ff9b::a00:1
+        // reaches it through the translator: lists match every spelling.
         let canonical = addr.to_canonical();
-        let matches = |net: &&IpNet| net.contains(&addr) || net.contains(&canonical);
+        let carried = match addr {
+            IpAddr::V6(v6) => nat64_carried(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        let matches =
+            |net: &&IpNet| net.contains(&addr) || net.contains(&canonical) || carried.is_some_and(|c| net.contains(&c));
         if let Some(net) = self.deny.iter().find(matches) {
             return Err(Refusal::Denied { addr, net: *net });
         }
@@ -161,19 +169,16 @@ fn special_v4(v4: Ipv4Addr) -> Option<&'static str> {
     SPECIAL_V4.iter().find(|(net, _)| net.contains(&v4)).map(|(_, why)| *why)
 }
 
+/// The IPv4 address a well-known-prefix NAT64 address (RFC 6052) translates to.
+fn nat64_carried(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let o = v6.octets();
+    NAT64_V6.contains(&v6).then(|| Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+}
+
 fn special_v6(v6: Ipv6Addr) -> Option<String> {
-    // Translation prefixes carry an IPv4 address: judge that one.
-    let carried = if NAT64_V6.contains(&v6) {
-        let o = v6.octets();
-        Some(("a NAT64 address", Ipv4Addr::new(o[12], o[13], o[14], o[15])))
-    } else if SIX_TO_FOUR_V6.contains(&v6) {
-        let o = v6.octets();
-        Some(("a 6to4 address", Ipv4Addr::new(o[2], o[3], o[4], o[5])))
-    } else {
-        None
-    };
-    if let Some((kind, v4)) = carried {
-        return special_v4(v4).map(|why| format!("{kind} carrying {v4}, which is {why}"));
+    // NAT64 reaches the IPv4 address it carries: judge that one.
+    if let Some(v4) = nat64_carried(v6) {
+        return special_v4(v4).map(|why| format!("a NAT64 address carrying {v4}, which is {why}"));
     }
     if let Some((_, why)) = SPECIAL_V6.iter().find(|(net, _)| net.contains(&v6)) {
         // IPv4-mapped, -compatible and -translated forms are refused whatever
@@ -372,6 +377,7 @@ mod tests {
             "http://[::ffff:169.254.169.254]/",
             "http://[64:ff9b::a9fe:a9fe]/",
             "http://[2002:a9fe:a9fe::1]/",
+            "http://[2002:808:808::1]/",
             "http://[fd00:ec2::254]/",
             "http://100.100.100.200/",
             "http://[fe80::1]/",
@@ -430,6 +436,9 @@ mod tests {
         assert!(matches!(p.check("10.1.2.3".parse().expect("ip")), Err(Refusal::Denied { .. })));
         let public_denied = NetworkPolicy::new(vec![], vec![net("1.1.1.0/24")]);
         assert!(public_denied.check("1.1.1.1".parse().expect("ip")).is_err());
+        assert!(public_denied.check("64:ff9b::101:101".parse().expect("ip")).is_err(), "NAT64 of a denied address");
+        let nat64_allowed = NetworkPolicy::new(vec![net("10.1.0.0/16")], vec![]);
+        assert_eq!(nat64_allowed.check("64:ff9b::a01:101".parse().expect("ip")), Ok(()), "NAT64 of an allowed one");
     }
 
     #[tokio::test]

@@ -52,15 +52,15 @@ async fn a_refused_destination_is_dead_lettered_with_its_reason_and_never_contac
     d.stop().await;
 }
 
-/// A CA, and a TLS acceptor for `localhost` with a certificate it signed.
-fn tls_receiver_parts(dir: &std::path::Path) -> (tokio_rustls::TlsAcceptor, String) {
+/// A CA, and a TLS acceptor with a certificate it signed for `names`.
+fn tls_receiver_parts(dir: &std::path::Path, names: &[&str]) -> (tokio_rustls::TlsAcceptor, String) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, "webhookd test CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA");
     let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+    let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
         .expect("leaf params")
         .signed_by(&leaf_key, &ca)
         .expect("leaf");
@@ -81,7 +81,7 @@ fn tls_receiver_parts(dir: &std::path::Path) -> (tokio_rustls::TlsAcceptor, Stri
 async fn https_trusts_an_extra_ca_bundle_and_refuses_an_unknown_issuer() {
     let kafka = Kafka::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (acceptor, ca_file) = tls_receiver_parts(dir.path());
+    let (acceptor, ca_file) = tls_receiver_parts(dir.path(), &["localhost"]);
     let rx = Receiver::start_on("127.0.0.1:0", Some(acceptor), Receiver::ok()).await;
     let url = format!("https://localhost:{}/secure", rx.addr.port());
 
@@ -223,8 +223,10 @@ async fn no_secret_reaches_logs_metrics_errors_or_dead_letters_at_the_most_verbo
     std::fs::write(&secret_file, &from_file).expect("write secret");
 
     // The first attempt of each event fails (so failures are logged), then one
-    // event is rejected (dead-lettered) and the others delivered.
-    let rx = Receiver::start_on("127.0.0.2:0", None, |h: &Hit| {
+    // event is rejected (dead-lettered) and the others delivered, over TLS (so
+    // rustls logs at trace level too, and the URL's credentials may be sent).
+    let (acceptor, ca_file) = tls_receiver_parts(dir.path(), &["127.0.0.2"]);
+    let rx = Receiver::start_on("127.0.0.2:0", Some(acceptor), |h: &Hit| {
         Reply::status(match h.attempt {
             1 => 503,
             _ if h.event_id().ends_with("rejected") => 400,
@@ -234,7 +236,7 @@ async fn no_secret_reaches_logs_metrics_errors_or_dead_letters_at_the_most_verbo
     .await;
     let internal = Receiver::start(Receiver::ok()).await;
     let endpoints = format!(
-        "[[endpoints]]\nid = \"signed\"\nurl = \"http://hook-user:{password}@127.0.0.2:{}/in?token={token}&tenant=7\"\n\
+        "[[endpoints]]\nid = \"signed\"\nurl = \"https://hook-user:{password}@127.0.0.2:{}/in?token={token}&tenant=7\"\n\
          legacy_hmac_header = true\n\
          secrets = [{{ env = \"LEAK_TEST_SECRET\" }}, {{ file = \"{}\", expires = \"{}\" }}, {{ value = \"{inline}\", expires = \"{}\" }}]\n\
          [[endpoints]]\nid = \"internal\"\nurl = \"http://localhost:{}/?api_key={token}\"\nsecrets = [\"{inline}\"]\n",
@@ -245,7 +247,7 @@ async fn no_secret_reaches_logs_metrics_errors_or_dead_letters_at_the_most_verbo
         internal.addr.port(),
     );
     let toml = config(&kafka, &topic, &dir.path().join("db"), FAST_RETRY, &endpoints)
-        .replace(LOOPBACK_ALLOWED, "allow_networks = [\"127.0.0.2/32\"]");
+        .replace(LOOPBACK_ALLOWED, &format!("allow_networks = [\"127.0.0.2/32\"]\nextra_ca_file = \"{ca_file}\""));
     let path = write_config(dir.path(), &toml);
     let env = [("WEBHOOKD_LOG", "trace"), ("LEAK_TEST_SECRET", from_env.as_str())];
     let mut p = Proc::spawn_with_env(&["run", "--config", &path], &env);
@@ -293,6 +295,7 @@ async fn no_secret_reaches_logs_metrics_errors_or_dead_letters_at_the_most_verbo
 
     let log = log.join("\n");
     assert!(log.contains("\"level\":\"TRACE\""), "the most verbose level was in effect");
+    assert!(log.contains("rustls::"), "the TLS library's own logs were included");
     assert!(log.contains("destination_refused") && log.contains("loopback"), "the refusal is logged with its reason");
     let everything = [
         log.as_str(),
