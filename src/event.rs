@@ -64,6 +64,8 @@ pub enum InvalidEvent {
     BadHeader(String),
     #[error("JSON nests deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    #[error("field {0:?} is longer than {MAX_FIELD_BYTES} bytes")]
+    TooLong(String),
 }
 
 impl InvalidEvent {
@@ -82,6 +84,7 @@ impl InvalidEvent {
             InvalidEvent::BadTimestamp { .. } => "bad_timestamp",
             InvalidEvent::BadHeader(_) => "bad_header",
             InvalidEvent::TooDeep => "too_deep",
+            InvalidEvent::TooLong(_) => "too_long",
         }
     }
 }
@@ -141,6 +144,18 @@ pub fn decode(msg: RawMessage<'_>, cfg: &EnvelopeConfig, max_bytes: usize, now_m
         Some(h) => header(h)?,
         None => required(head.event_type, &cfg.type_field)?,
     };
+    let too_long = |v: &str, field: &str| v.len() > MAX_FIELD_BYTES && !field.is_empty();
+    for (value, field) in [
+        (Some(id.as_str()), cfg.id_header.as_deref().unwrap_or(&cfg.id_field)),
+        (Some(event_type.as_str()), cfg.type_header.as_deref().unwrap_or(&cfg.type_field)),
+        (head.location.as_deref(), cfg.location_field.as_str()),
+    ] {
+        if let Some(v) = value
+            && too_long(v, field)
+        {
+            return Err(InvalidEvent::TooLong(field.to_owned()));
+        }
+    }
     let time_ms = match head.timestamp {
         Some(ts) => OffsetDateTime::parse(&ts, &Rfc3339)
             .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
@@ -156,6 +171,10 @@ pub fn decode(msg: RawMessage<'_>, cfg: &EnvelopeConfig, max_bytes: usize, now_m
         source: msg.source,
     })
 }
+
+/// Longest id, type or locationId accepted. They end up in storage keys,
+/// headers and dead letters; real ones are short.
+pub const MAX_FIELD_BYTES: usize = 256;
 
 /// Deepest nesting of arrays and objects accepted in an event. Receivers'
 /// parsers are often recursive; webhookd will not forward what could crash them.
@@ -340,6 +359,15 @@ mod tests {
         assert_eq!(reason(br#"{"id":"a","type":["T"]}"#), "wrong_type");
         assert_eq!(reason(br#"{"id":"a","id":"b","type":"T"}"#), "duplicate_field");
         assert_eq!(reason(br#"{"id":"a","type":"T","timestamp":"yesterday"}"#), "bad_timestamp");
+        let long = |field: &str| {
+            let mut v = serde_json::json!({ "id": "a", "type": "T", "locationId": "l" });
+            v[field] = "x".repeat(MAX_FIELD_BYTES + 1).into();
+            let body = v.to_string();
+            decode(raw(body.as_bytes()), &cfg(), 1 << 20, 0).expect_err("too long")
+        };
+        for field in ["id", "type", "locationId"] {
+            assert_eq!(long(field), InvalidEvent::TooLong(field.into()));
+        }
         let deep = format!("{{\"id\":\"a\",\"type\":\"T\",\"d\":{}{}}}", "[".repeat(500), "]".repeat(500));
         assert_eq!(decode(raw(deep.as_bytes()), &cfg(), 1 << 20, 0).expect_err("too deep").reason(), "too_deep");
         let ok = format!(

@@ -95,11 +95,26 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "webhookd failed");
-            eprintln!("webhookd: {e:#}");
+            let why = describe(&e);
+            tracing::error!(error = %why, "webhookd failed");
+            eprintln!("webhookd: {why}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: the error types here already
+/// show their source in their own message, contexts added with anyhow do not.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.

@@ -20,7 +20,7 @@ mod record;
 mod writer;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -43,10 +43,14 @@ const ALL_CFS: [&str; 6] = [CF_DEDUP, CF_READY, CF_WAITING, CF_DEAD, CF_ENDPOINT
 pub enum StoreError {
     #[error("RocksDB: {0}")]
     Rocks(#[from] rocksdb::Error),
+    #[error("cannot open the store at {path}: {error}")]
+    Open { path: PathBuf, error: rocksdb::Error },
     #[error(transparent)]
     Corrupt(#[from] CorruptRecord),
     #[error("the store is closed")]
     Closed,
+    #[error("the store is being reopened after a write error")]
+    Reopening,
     #[error("store task failed: {0}")]
     Task(String),
 }
@@ -169,10 +173,89 @@ pub struct StoreOptions {
     pub sync_writes: bool,
 }
 
+/// The open database. After a failed write (a full or failing disk) RocksDB
+/// refuses every further write until it is reopened, so the writer can close
+/// and open it again once the disk is back, without restarting webhookd.
+pub(crate) struct DbCell {
+    slot: RwLock<Option<Arc<DB>>>,
+    path: PathBuf,
+    dedup_window_ms: i64,
+}
+
+impl DbCell {
+    /// The database, or `Reopening` while the writer swaps it.
+    pub(crate) fn get(&self) -> Result<Arc<DB>, StoreError> {
+        match self.slot.try_read() {
+            Ok(slot) => slot.clone().ok_or(StoreError::Reopening),
+            Err(_) => Err(StoreError::Reopening),
+        }
+    }
+
+    /// Closes the database and opens it again. Readers holding it (short
+    /// reads on the blocking pool) are waited for up to `wait`.
+    pub(crate) fn reopen(&self, wait: Duration) -> Result<(), StoreError> {
+        let mut slot = self.slot.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = slot.take() {
+            let deadline = std::time::Instant::now() + wait;
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if Arc::strong_count(&old) > 1 {
+                *slot = Some(old);
+                return Err(StoreError::Task("readers still hold the store; reopen later".into()));
+            }
+            drop(old);
+        }
+        *slot = Some(Arc::new(open_db(&self.path, self.dedup_window_ms)?));
+        Ok(())
+    }
+}
+
+/// RocksDB's memory, bounded whatever the backlog: memtables of all column
+/// families together (a retry backlog churns `ready` and `waiting` hard, and
+/// RocksDB's default of 64 MiB per family would let six of them grow), and one
+/// block cache shared by all families instead of one each.
+const MEMTABLES_TOTAL: usize = 48 << 20;
+const MEMTABLE_PER_FAMILY: usize = 16 << 20;
+const BLOCK_CACHE: usize = 16 << 20;
+
+fn open_db(path: &Path, window_ms: i64) -> Result<DB, StoreError> {
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    db_opts.set_keep_log_file_num(4);
+    db_opts.set_db_write_buffer_size(MEMTABLES_TOTAL);
+    let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    let cfs = ALL_CFS.iter().map(|name| {
+        let mut o = Options::default();
+        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        o.set_write_buffer_size(MEMTABLE_PER_FAMILY);
+        o.set_block_based_table_factory(&table);
+        if *name == CF_DEDUP {
+            // Expired dedup keys are dropped as compaction rewrites them, so
+            // expiry never scans on the hot path; a periodic compaction makes
+            // sure cold files get rewritten too. Reads check expiry as well.
+            o.set_compaction_filter("dedup-expiry", move |_level, _key, value| {
+                if expired(value, window_ms, now_ms()) {
+                    rocksdb::CompactionDecision::Remove
+                } else {
+                    rocksdb::CompactionDecision::Keep
+                }
+            });
+            o.set_periodic_compaction_seconds(24 * 3600);
+        }
+        ColumnFamilyDescriptor::new(*name, o)
+    });
+    DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|error| StoreError::Open { path: path.to_path_buf(), error })
+}
+
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<DB>,
+    db: Arc<DbCell>,
     tx: mpsc::Sender<Op>,
     wake: Arc<Wakeups>,
     depth: Arc<Depth>,
@@ -183,43 +266,21 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.db.path()).finish()
+        f.debug_struct("Store").field("path", &self.db.path).finish()
     }
 }
 
 impl Store {
     pub fn open(path: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        db_opts.set_keep_log_file_num(4);
         let window_ms = i64::try_from(opts.dedup_window.as_millis()).unwrap_or(i64::MAX);
-        let cfs = ALL_CFS.iter().map(|name| {
-            let mut o = Options::default();
-            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            if *name == CF_DEDUP {
-                // Expired dedup keys are dropped as compaction rewrites them, so
-                // expiry never scans on the hot path; a periodic compaction makes
-                // sure cold files get rewritten too. Reads check expiry as well.
-                o.set_compaction_filter("dedup-expiry", move |_level, _key, value| {
-                    if expired(value, window_ms, now_ms()) {
-                        rocksdb::CompactionDecision::Remove
-                    } else {
-                        rocksdb::CompactionDecision::Keep
-                    }
-                });
-                o.set_periodic_compaction_seconds(24 * 3600);
-            }
-            ColumnFamilyDescriptor::new(*name, o)
-        });
-        let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
+        let db = Arc::new(open_db(path, window_ms)?);
         let depth = Arc::new(Depth::default());
         depth.ready.store(count(&db, CF_READY)?, Ordering::Relaxed);
         depth.waiting.store(count(&db, CF_WAITING)?, Ordering::Relaxed);
         let wake = Arc::new(Wakeups::default());
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(1024);
+        let db = Arc::new(DbCell { slot: RwLock::new(Some(db)), path: path.to_path_buf(), dedup_window_ms: window_ms });
         let writer =
             Writer::new(db.clone(), rx, wake.clone(), depth.clone(), healthy.clone(), opts.sync_writes, window_ms)?;
         let handle = std::thread::Builder::new()
@@ -280,7 +341,7 @@ impl Store {
         &self,
         f: impl FnOnce(&DB) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
+        let db = self.db.get()?;
         tokio::task::spawn_blocking(move || f(&db)).await.map_err(|e| StoreError::Task(e.to_string()))?
     }
 
@@ -473,6 +534,13 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Store {
+        /// The database itself, for tests that reach under the API.
+        fn raw(&self) -> Arc<DB> {
+            self.db.get().expect("db")
+        }
+    }
     use crate::event::SourcePos;
     use bytes::Bytes;
 
@@ -528,8 +596,12 @@ mod tests {
         // The window is the feature under test: real time has to pass it.
         std::thread::sleep(Duration::from_millis(5));
         assert!(!s.seen("old").await.expect("read"), "outside the window");
-        s.db.compact_range_cf(cf(&s.db, CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
-        assert_eq!(s.db.get_cf(cf(&s.db, CF_DEDUP), "old").expect("get"), None, "the compaction filter dropped it");
+        s.raw().compact_range_cf(cf(&s.raw(), CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(
+            s.raw().get_cf(cf(&s.raw(), CF_DEDUP), "old").expect("get"),
+            None,
+            "the compaction filter dropped it"
+        );
         let r = s.intake(Arc::new(vec![new_event("old", &["a"])])).await.expect("intake");
         assert_eq!(r, vec![Intake::Accepted(1)], "an id outside the window is delivered again");
         s.close().await;
@@ -537,7 +609,7 @@ mod tests {
 
         let s = open(dir.path(), Duration::from_secs(3600));
         s.intake(Arc::new(vec![new_event("fresh", &[])])).await.expect("intake");
-        s.db.compact_range_cf(cf(&s.db, CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
+        s.raw().compact_range_cf(cf(&s.raw(), CF_DEDUP), None::<&[u8]>, None::<&[u8]>);
         assert!(s.seen("fresh").await.expect("read"), "inside the window it survives compaction");
         s.close().await;
     }
@@ -579,6 +651,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_store_reopens_in_place_and_keeps_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600));
+        s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
+        let held = s.raw();
+        assert!(
+            s.db.reopen(Duration::from_millis(20)).is_err(),
+            "a reader still holds the database: not closed under it"
+        );
+        drop(held);
+        s.db.reopen(Duration::from_millis(20)).expect("reopen");
+        assert!(s.seen("e1").await.expect("read"), "data survives the reopen");
+        s.intake(Arc::new(vec![new_event("e2", &["a"])])).await.expect("intake after reopen");
+        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
+        assert_eq!(items.iter().map(|i| i.delivery.event_id.as_str()).collect::<Vec<_>>(), ["e1", "e2"]);
+        assert!(items[0].seq < items[1].seq, "sequence numbers go on increasing");
+        s.close().await;
+    }
+
+    #[tokio::test]
     async fn endpoint_state_persists() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(60));
@@ -598,8 +690,8 @@ mod tests {
         let s = open(dir.path(), Duration::from_secs(60));
         s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
         // A record no version of webhookd wrote, between two good ones.
-        s.db.put_cf(cf(&s.db, CF_READY), ready_key("a", 1_000_000), b"\x07garbage").expect("put");
-        s.db.put_cf(cf(&s.db, CF_READY), ready_key("a", 1_000_001), delivery("e2", "a").encode()).expect("put");
+        s.raw().put_cf(cf(&s.raw(), CF_READY), ready_key("a", 1_000_000), b"\x07garbage").expect("put");
+        s.raw().put_cf(cf(&s.raw(), CF_READY), ready_key("a", 1_000_001), delivery("e2", "a").encode()).expect("put");
         let (items, scanned_to) = s.load_ready("a", None, 10).await.expect("load");
         assert_eq!(items.iter().map(|i| i.delivery.event_id.as_str()).collect::<Vec<_>>(), ["e1", "e2"]);
         assert_eq!(scanned_to, Some(1_000_001));
@@ -609,7 +701,7 @@ mod tests {
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0]["reason"], "corrupt_record");
         assert_eq!(dead[0]["column_family"], "ready");
-        assert_eq!(s.db.get_cf(cf(&s.db, CF_READY), ready_key("a", 1_000_000)).expect("get"), None);
+        assert_eq!(s.raw().get_cf(cf(&s.raw(), CF_READY), ready_key("a", 1_000_000)).expect("get"), None);
     }
 
     #[tokio::test]

@@ -4,19 +4,22 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, Depth, DueItem, Intake, NewEvent, Next, StoreError,
-    Wakeups, cf, expired, now_ms, ready_key, seq_key,
+    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, DbCell, Depth, DueItem, Intake, NewEvent, Next,
+    StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
 };
 use crate::telemetry::metrics as m;
 
 /// Most operations folded into one write batch.
 const MAX_GROUP: usize = 512;
 const META_SEQ: &[u8] = b"seq";
+/// After a failed write, how often the writer tries to reopen the database.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// Sends an operation's answer once its group's write has succeeded or failed.
@@ -52,7 +55,10 @@ pub(super) enum Op {
 }
 
 pub(super) struct Writer {
-    db: Arc<DB>,
+    db: Arc<DbCell>,
+    /// A write failed: RocksDB takes no more writes until reopened.
+    broken: bool,
+    last_reopen: Option<Instant>,
     rx: mpsc::Receiver<Op>,
     wake: Arc<Wakeups>,
     depth: Arc<Depth>,
@@ -79,7 +85,7 @@ struct Group {
 
 impl Writer {
     pub(super) fn new(
-        db: Arc<DB>,
+        db: Arc<DbCell>,
         rx: mpsc::Receiver<Op>,
         wake: Arc<Wakeups>,
         depth: Arc<Depth>,
@@ -87,11 +93,38 @@ impl Writer {
         sync_writes: bool,
         dedup_window_ms: i64,
     ) -> Result<Writer, StoreError> {
-        let next_seq = match db.get_cf(cf(&db, CF_META), META_SEQ)? {
-            Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8])) + 1,
-            None => 1,
-        };
-        Ok(Writer { db, rx, wake, depth, healthy, sync_writes, dedup_window_ms, next_seq })
+        let next_seq = stored_next_seq(db.get()?.as_ref())?;
+        Ok(Writer {
+            db,
+            broken: false,
+            last_reopen: None,
+            rx,
+            wake,
+            depth,
+            healthy,
+            sync_writes,
+            dedup_window_ms,
+            next_seq,
+        })
+    }
+
+    /// Closes and reopens the database after a failed write, at most once per
+    /// [`REOPEN_INTERVAL`]; until it works, every operation is refused (and retried by its caller).
+    fn try_reopen(&mut self) {
+        if self.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_INTERVAL) {
+            return;
+        }
+        self.last_reopen = Some(Instant::now());
+        let reopened = self.db.reopen(Duration::from_secs(5)).and_then(|()| stored_next_seq(self.db.get()?.as_ref()));
+        match reopened {
+            Ok(next) => {
+                self.broken = false;
+                // Never backwards: a batch reported failed may still have reached the log.
+                self.next_seq = self.next_seq.max(next);
+                tracing::warn!("store reopened after a write error; writing again");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot reopen the store yet; will try again"),
+        }
     }
 
     pub(super) fn run(mut self) {
@@ -107,23 +140,36 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            if self.broken {
+                self.try_reopen();
+            }
+            let db = match self.db.get() {
+                Ok(db) if !self.broken => db,
+                Ok(_) | Err(_) => {
+                    for op in ops {
+                        closing |= refuse(op);
+                    }
+                    continue;
+                }
+            };
             let mut g = Group::default();
             let seq_before = self.next_seq;
             for op in ops {
                 match op {
                     Op::Close => closing = true,
-                    op => self.apply(op, &mut g),
+                    op => self.apply(&db, op, &mut g),
                 }
             }
             if g.replies.is_empty() {
                 continue;
             }
             if self.next_seq != seq_before {
-                g.batch.put_cf(cf(&self.db, CF_META), META_SEQ, (self.next_seq - 1).to_be_bytes());
+                g.batch.put_cf(cf(&db, CF_META), META_SEQ, (self.next_seq - 1).to_be_bytes());
             }
             let mut wo = WriteOptions::default();
             wo.set_sync(g.sync);
-            let result = self.db.write_opt(g.batch, &wo).map_err(StoreError::from);
+            let result = db.write_opt(g.batch, &wo).map_err(StoreError::from);
+            drop(db);
             match &result {
                 Ok(()) => {
                     self.healthy.store(true, Ordering::Release);
@@ -134,6 +180,7 @@ impl Writer {
                 }
                 Err(e) => {
                     self.healthy.store(false, Ordering::Release);
+                    self.broken = true;
                     metrics::counter!(m::STORE_WRITE_ERRORS).increment(1);
                     tracing::error!(error = %e, "store write failed; nothing of this batch was applied");
                 }
@@ -164,9 +211,9 @@ impl Writer {
         s
     }
 
-    fn apply(&mut self, op: Op, g: &mut Group) {
+    fn apply(&mut self, db: &DB, op: Op, g: &mut Group) {
         match op {
-            Op::Intake { events, reply } => match self.intake(events, g) {
+            Op::Intake { events, reply } => match self.intake(db, events, g) {
                 Ok(results) => g.replies.push(Box::new(move |r| {
                     let _ = reply.send(r.map(|_| results).map_err(clone_err));
                 })),
@@ -175,7 +222,7 @@ impl Writer {
                 }
             },
             Op::Finish { ready_key, next, reply } => {
-                g.batch.delete_cf(cf(&self.db, CF_READY), &ready_key);
+                g.batch.delete_cf(cf(db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
                 match next {
                     Next::Done => {}
@@ -183,30 +230,30 @@ impl Writer {
                         let due = due_ms.max(now_ms());
                         g.min_new_due = Some(g.min_new_due.map_or(due, |m| m.min(due)));
                         let key = seq_key(due, self.seq());
-                        g.batch.put_cf(cf(&self.db, CF_WAITING), key, delivery.encode());
+                        g.batch.put_cf(cf(db, CF_WAITING), key, delivery.encode());
                         g.waiting_delta += 1;
                         g.wake_scheduler = true;
                     }
                     Next::Dead { record } => {
                         let key = seq_key(now_ms(), self.seq());
-                        g.batch.put_cf(cf(&self.db, CF_DEAD), key, record);
+                        g.batch.put_cf(cf(db, CF_DEAD), key, record);
                     }
                 }
                 g.replies.push(simple(reply));
             }
             Op::Promote { due, reply } => {
                 for item in due {
-                    g.batch.delete_cf(cf(&self.db, CF_WAITING), &item.key);
+                    g.batch.delete_cf(cf(db, CF_WAITING), &item.key);
                     g.waiting_delta -= 1;
                     let key = ready_key(&item.delivery.endpoint_id, self.seq());
-                    g.batch.put_cf(cf(&self.db, CF_READY), key, item.delivery.encode());
+                    g.batch.put_cf(cf(db, CF_READY), key, item.delivery.encode());
                     g.ready_delta += 1;
                     g.wake_endpoints.insert(item.delivery.endpoint_id);
                 }
                 g.replies.push(simple(reply));
             }
             Op::EndpointState { id, state, reply } => {
-                let cf = cf(&self.db, CF_ENDPOINTS);
+                let cf = cf(db, CF_ENDPOINTS);
                 match state {
                     Some(s) => g.batch.put_cf(cf, id.as_bytes(), s.to_string()),
                     None => g.batch.delete_cf(cf, id.as_bytes()),
@@ -215,7 +262,7 @@ impl Writer {
                 g.replies.push(simple(reply));
             }
             Op::Quarantine { cf_name, key, raw } => {
-                g.batch.delete_cf(cf(&self.db, cf_name), &key);
+                g.batch.delete_cf(cf(db, cf_name), &key);
                 match cf_name {
                     CF_READY => g.ready_delta -= 1,
                     CF_WAITING => g.waiting_delta -= 1,
@@ -228,16 +275,15 @@ impl Writer {
                     "raw_base64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &raw),
                 });
                 let dead_key = seq_key(now_ms(), self.seq());
-                g.batch.put_cf(cf(&self.db, CF_DEAD), dead_key, record.to_string());
+                g.batch.put_cf(cf(db, CF_DEAD), dead_key, record.to_string());
                 g.replies.push(Box::new(|_| {}));
             }
             Op::Close => {}
         }
     }
 
-    fn intake(&mut self, events: Arc<Vec<NewEvent>>, g: &mut Group) -> Result<Vec<Intake>, StoreError> {
-        let db = self.db.clone();
-        let dedup = cf(&db, CF_DEDUP);
+    fn intake(&mut self, db: &DB, events: Arc<Vec<NewEvent>>, g: &mut Group) -> Result<Vec<Intake>, StoreError> {
+        let dedup = cf(db, CF_DEDUP);
         // Resolve every read before touching the batch, so an error leaves no partial write.
         let found = db
             .multi_get_cf(events.iter().map(|e| (dedup, e.event_id.as_bytes())))
@@ -259,7 +305,7 @@ impl Writer {
             g.batch.put_cf(dedup, event.event_id.as_bytes(), now.to_be_bytes());
             for d in &event.deliveries {
                 let key = ready_key(&d.endpoint_id, self.seq());
-                g.batch.put_cf(cf(&db, CF_READY), key, d.encode());
+                g.batch.put_cf(cf(db, CF_READY), key, d.encode());
                 g.ready_delta += 1;
                 g.wake_endpoints.insert(d.endpoint_id.clone());
             }
@@ -268,6 +314,27 @@ impl Writer {
         g.sync |= self.sync_writes;
         Ok(results)
     }
+}
+
+/// Answers an operation that cannot be written now; true for `Close`.
+fn refuse(op: Op) -> bool {
+    let err = || StoreError::Reopening;
+    match op {
+        Op::Intake { reply, .. } => drop(reply.send(Err(err()))),
+        Op::Finish { reply, .. } | Op::Promote { reply, .. } | Op::EndpointState { reply, .. } => {
+            drop(reply.send(Err(err())))
+        }
+        Op::Quarantine { .. } => {}
+        Op::Close => return true,
+    }
+    false
+}
+
+fn stored_next_seq(db: &DB) -> Result<u64, StoreError> {
+    Ok(match db.get_cf(cf(db, CF_META), META_SEQ)? {
+        Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8])) + 1,
+        None => 1,
+    })
 }
 
 fn simple(reply: Reply<()>) -> Answer {

@@ -55,11 +55,35 @@ impl Kafka {
                 (Some(m), b)
             }
         };
-        let producer =
-            ClientConfig::new().set("bootstrap.servers", &bootstrap).set("linger.ms", "0").create().expect("producer");
+        Self::with(mock, bootstrap)
+    }
+
+    /// A broker running elsewhere (a tansu process, a real Kafka).
+    pub fn connect(bootstrap: &str) -> Kafka {
+        Self::with(None, bootstrap.to_owned())
+    }
+
+    fn with(mock: Option<MockCluster<'static, DefaultProducerContext>>, bootstrap: String) -> Kafka {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("linger.ms", "2")
+            .set("message.max.bytes", "12000000")
+            .create()
+            .expect("producer");
         Kafka { mock, bootstrap, producer }
     }
 
+    /// A producer that can move to another task.
+    pub fn producer(&self) -> Producer {
+        Producer(self.producer.clone())
+    }
+
+    pub async fn produce_all(&self, topic: &str, payloads: &[Vec<u8>]) {
+        self.producer().produce_all(topic, payloads).await
+    }
+}
+
+impl Kafka {
     /// A fresh topic name (tests share nothing) with its dead-letter topic created too.
     pub async fn topic(&self, name: &str, partitions: i32) -> String {
         let topic = format!("{name}-{}", unique());
@@ -164,6 +188,30 @@ impl Kafka {
         })
         .await
         .expect("offset task")
+    }
+}
+
+#[derive(Clone)]
+pub struct Producer(FutureProducer);
+
+impl Producer {
+    /// Produces every payload (keyed by position, so spread over partitions)
+    /// and waits for all acknowledgements, many in flight at once.
+    pub async fn produce_all(&self, topic: &str, payloads: &[Vec<u8>]) {
+        for chunk in payloads.chunks(2000) {
+            let mut acks = tokio::task::JoinSet::new();
+            for (i, p) in chunk.iter().enumerate() {
+                let (producer, topic, p) = (self.0.clone(), topic.to_owned(), p.clone());
+                acks.spawn(async move {
+                    let key = format!("{i}");
+                    let rec = FutureRecord::to(&topic).payload(&p).key(&key);
+                    producer.send(rec, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
+                });
+            }
+            while let Some(r) = acks.join_next().await {
+                r.expect("produce task").expect("produce");
+            }
+        }
     }
 }
 

@@ -138,6 +138,97 @@ async fn bad_configuration_is_refused_naming_every_field() {
     }
 }
 
+#[test]
+fn each_kind_of_config_mistake_is_named_and_nothing_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("db");
+    let ep = |extra: &str| {
+        format!("[[endpoints]]\nid = \"a\"\nurl = \"https://hooks.example.com/\"\nsecrets = [\"{SECRET_A}\"]\n{extra}")
+    };
+    // (what is wrong, the config, an env override, what the error must name)
+    type Case<'a> = (&'a str, String, Option<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        ("TOML syntax", "[source\n".into(), None, "TOML syntax at line 1, column 8"),
+        ("unknown key", "[stor]\npath = \"x\"\n".into(), None, "stor.path: unknown key"),
+        ("wrong type", "[source]\nbatch_max = \"many\"\n".into(), None, "source.batch_max"),
+        ("bad duration", "[retry]\nbase = \"soon\"\n".into(), None, "retry.base: not a duration"),
+        ("zero where positive", "[delivery]\nattempt_timeout = \"0s\"\n".into(), None, "delivery.attempt_timeout"),
+        ("unknown enum value", "[log]\nformat = \"xml\"\n".into(), None, "log.format"),
+        ("bad socket address", "[admin]\nlisten = \"localhost\"\n".into(), None, "admin.listen"),
+        ("topic clash", "[source]\ndead_letter_topic = \"webhookd.events\"\n".into(), None, "source.dead_letter_topic"),
+        (
+            "librdkafka property",
+            "[source.kafka]\n\"linger.msx\" = \"5\"\n".into(),
+            None,
+            "source.kafka: \"linger.msx\"",
+        ),
+        ("bad CIDR", "[delivery]\nallow_networks = [\"10.0.0.0/40\"]\n".into(), None, "delivery.allow_networks"),
+        (
+            "missing CA file",
+            "[delivery]\nextra_ca_file = \"/nonexistent.pem\"\n".into(),
+            None,
+            "delivery.extra_ca_file",
+        ),
+        ("missing url", "[[endpoints]]\nid = \"a\"\nsecrets = []\n".into(), None, "endpoints[0].url: required"),
+        ("bad endpoint id", ep("").replace("id = \"a\"", "id = \"a b\""), None, "endpoints[0].id"),
+        ("duplicate endpoint id", ep("") + &ep(""), None, "endpoints[1].id: duplicate"),
+        ("URL scheme", ep("").replace("https://hooks", "ftp://hooks"), None, "endpoints[0].url: scheme"),
+        (
+            "refused destination",
+            ep("").replace("hooks.example.com", "169.254.169.254"),
+            None,
+            "endpoints[0].url: destination refused",
+        ),
+        (
+            "http in HTTPS-only mode",
+            format!("[delivery]\nhttps_only = true\n{}", ep("").replace("https", "http")),
+            None,
+            "https_only",
+        ),
+        ("bad secret", ep("").replace(SECRET_A, "whsec_short"), None, "endpoints[0].secrets[0]"),
+        (
+            "secret variable unset",
+            ep("").replace(&format!("\"{SECRET_A}\""), "{ env = \"NO_SUCH_VAR_X\" }"),
+            None,
+            "endpoints[0].secrets[0].env",
+        ),
+        ("bad event filter", ep("event_types = [\"*Create\"]\n"), None, "endpoints[0].event_types"),
+        (
+            "rate limit too high",
+            ep("rate_limit = { per_second = 2000000 }\n"),
+            None,
+            "endpoints[0].rate_limit.per_second",
+        ),
+        (
+            "bad env override",
+            String::new(),
+            Some(("WEBHOOKD_STORE__SYNC_WRITES", "maybe")),
+            "store.sync_writes (set by WEBHOOKD_STORE__SYNC_WRITES)",
+        ),
+        (
+            "env override of an unknown key",
+            String::new(),
+            Some(("WEBHOOKD_SOURCE__BROKER", "k:9092")),
+            "source.broker (set by WEBHOOKD_SOURCE__BROKER): unknown key",
+        ),
+    ];
+    for (what, toml, env, named) in &cases {
+        let path = dir.path().join("case.toml");
+        std::fs::write(&path, toml).expect("write");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_webhookd"));
+        cmd.args(["run", "--config", &path.display().to_string()]).env("WEBHOOKD_STORE__PATH", &store);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run webhookd");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: exit code\n{err}");
+        assert!(err.contains(named), "{what}: {named:?} not named in:\n{err}");
+        assert!(!store.exists(), "{what}: the store was created; something started");
+    }
+    println!("{} kinds of config mistake: each named, exit 2, nothing started", cases.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_listener_serves_health_readiness_and_metrics() {
     let kafka = Kafka::start();
