@@ -149,6 +149,13 @@ pub struct DeliveryConfig {
     pub extra_ca: ExtraCa,
 }
 
+impl DeliveryConfig {
+    /// The SSRF guard's policy, from `allow_networks` and `deny_networks`.
+    pub fn network_policy(&self) -> NetworkPolicy {
+        NetworkPolicy::new(self.allow_networks.clone(), self.deny_networks.clone())
+    }
+}
+
 /// Extra CA certificates, read from a PEM bundle.
 #[derive(Clone, Default)]
 pub struct ExtraCa {
@@ -332,7 +339,8 @@ impl Config {
             },
         };
         let count = r.array_len("endpoints");
-        let endpoints = (0..count).map(|i| Self::read_endpoint(r, i, &delivery)).collect::<Vec<_>>();
+        let policy = delivery.network_policy();
+        let endpoints = (0..count).map(|i| Self::read_endpoint(r, i, &delivery, &policy)).collect::<Vec<_>>();
         let mut ids = HashSet::new();
         for (i, e) in endpoints.iter().enumerate() {
             if !e.id.is_empty() && !ids.insert(e.id.clone()) {
@@ -356,13 +364,13 @@ impl Config {
         })
     }
 
-    fn read_endpoint(r: &mut Reader, i: usize, delivery: &DeliveryConfig) -> EndpointConfig {
+    fn read_endpoint(r: &mut Reader, i: usize, delivery: &DeliveryConfig, policy: &NetworkPolicy) -> EndpointConfig {
         let p = |key: &str| format!("endpoints.{i}.{key}");
         let id = r.non_empty(&p("id"), "");
         if !id.is_empty() && !valid_endpoint_id(&id) {
             r.problem(&p("id"), "use 1-64 characters of A-Z a-z 0-9 . _ -");
         }
-        let (url, authorization) = r.endpoint_url(&p("url"), delivery);
+        let (url, authorization) = r.endpoint_url(&p("url"), delivery.https_only, policy);
         let event_types = r
             .list(&p("event_types"), &["*"])
             .iter()
@@ -628,7 +636,7 @@ impl<'a> Reader<'a> {
     /// The endpoint URL, checked against the scheme rules and (for IP
     /// literals) the SSRF guard, with credentials moved into an
     /// `authorization` header. Problems never quote the URL, which may hold credentials.
-    fn endpoint_url(&mut self, path: &str, delivery: &DeliveryConfig) -> (Url, Option<HeaderValue>) {
+    fn endpoint_url(&mut self, path: &str, https_only: bool, policy: &NetworkPolicy) -> (Url, Option<HeaderValue>) {
         self.seen.insert(path.to_owned());
         let placeholder = || Url::parse("http://invalid.invalid/").expect("static URL parses");
         let mut url = match self.lookup(path).cloned() {
@@ -650,9 +658,7 @@ impl<'a> Reader<'a> {
         };
         match url.scheme() {
             "https" => {}
-            "http" if delivery.https_only => {
-                self.problem(path, "http:// is refused: delivery.https_only is set; use https://")
-            }
+            "http" if https_only => self.problem(path, "http:// is refused: delivery.https_only is set; use https://"),
             "http" => {}
             other => self.problem(path, &format!("scheme must be http or https, found {other:?}")),
         }
@@ -661,7 +667,6 @@ impl<'a> Reader<'a> {
             Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
             _ => None,
         };
-        let policy = NetworkPolicy::new(delivery.allow_networks.clone(), delivery.deny_networks.clone());
         if let Some(Err(refusal)) = ip.map(|ip| policy.check(ip)) {
             self.problem(path, &format!("destination refused: {refusal}"));
         }

@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::guard::{self, GuardedConnector, GuardedResolver, Lookup, NetworkPolicy, SystemLookup};
+use super::guard::{self, GuardedConnector, GuardedResolver, Lookup, SystemLookup};
 use super::outcome::{AttemptError, Response, parse_retry_after};
 use super::sign::{self, Secrets};
 use crate::config::DeliveryConfig;
@@ -38,7 +38,7 @@ pub fn build(cfg: &DeliveryConfig) -> Result<HttpClient, rustls::Error> {
 
 /// The client, resolving names with `lookup` (tests script DNS answers).
 pub fn build_with_lookup(cfg: &DeliveryConfig, lookup: Arc<dyn Lookup>) -> Result<HttpClient, rustls::Error> {
-    let policy = Arc::new(NetworkPolicy::new(cfg.allow_networks.clone(), cfg.deny_networks.clone()));
+    let policy = Arc::new(cfg.network_policy());
     let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(policy.clone(), lookup));
     http.enforce_http(false);
     http.set_nodelay(true);

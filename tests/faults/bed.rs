@@ -17,9 +17,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::helpers::{Kafka, http_get, unique};
 
@@ -128,41 +125,6 @@ pub async fn broker() -> (Option<Tansu>, Kafka) {
             (Some(t), k)
         }
     }
-}
-
-/// Every record of `topic` from the beginning, until `done` holds over them.
-pub async fn read_until(
-    bootstrap: &str,
-    topic: &str,
-    partitions: i32,
-    done: impl Fn(&[serde_json::Value]) -> bool + Send + 'static,
-) -> Vec<serde_json::Value> {
-    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("reader-{}", unique()))
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("reader");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("tpl");
-        }
-        c.assign(&tpl).expect("assign");
-        let deadline = Instant::now() + LONG;
-        let mut out = Vec::new();
-        while !done(&out) {
-            assert!(Instant::now() < deadline, "{topic}: condition not met after {} records", out.len());
-            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-                out.push(serde_json::from_slice(m.payload().unwrap_or_default()).expect("dead letters are JSON"));
-            }
-        }
-        std::mem::forget(c);
-        out
-    })
-    .await
-    .expect("reader task")
 }
 
 // ---------------------------------------------------------------- webhookd
@@ -506,4 +468,32 @@ pub fn tally(event_ids: &HashSet<String>, endpoints: &[(&str, &Ledger)], dead: &
         }
     }
     t
+}
+
+/// Waits until every (event, endpoint) pair has settled: delivered, or (for
+/// what a ledger rejects for good) in the dead-letter topic; then tallies.
+pub async fn settle_everything(
+    kafka: &Kafka,
+    topic: &str,
+    ids: &HashSet<String>,
+    endpoints: &[(&str, &Ledger)],
+) -> (Tally, Vec<serde_json::Value>) {
+    // Every pair must end delivered or dead-lettered; wait for both sides.
+    let rejected_by = |name: &str, ledger: &Ledger| {
+        ids.iter().filter(|id| ledger.rejects(&webhookd::event::webhook_id(id, name))).count()
+    };
+    let rejected: usize = endpoints.iter().map(|(name, ledger)| rejected_by(name, ledger)).sum();
+    for (name, ledger) in endpoints {
+        ledger.wait_delivered(name, ids.len() - rejected_by(name, ledger)).await;
+    }
+    let dead = kafka
+        .read_until(&format!("{topic}.dlq"), 1, LONG, move |d| {
+            d.iter()
+                .filter_map(|r| Some((r["event_id"].as_str()?.to_owned(), r["endpoint_id"].as_str()?.to_owned())))
+                .collect::<HashSet<_>>()
+                .len()
+                >= rejected
+        })
+        .await;
+    (tally(ids, endpoints, &dead), dead)
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use crate::bed::*;
-use crate::helpers::{Kafka, Producer};
+use crate::helpers::Producer;
 
 /// Produces the catalogue in chunks until stopped or `max` events, republishing
 /// some earlier events (duplicates webhookd must drop). Returns the unique ids.
@@ -62,31 +62,6 @@ pub async fn flaky() -> Ledger {
     })
     .await
     .rejecting(|id| bucket(id, 50) == 0)
-}
-
-pub async fn settle_everything(
-    kafka: &Kafka,
-    topic: &str,
-    ids: &HashSet<String>,
-    endpoints: &[(&str, &Ledger)],
-) -> (Tally, Vec<serde_json::Value>) {
-    // Every pair must end delivered or dead-lettered; wait for both sides.
-    let rejected_by = |name: &str, ledger: &Ledger| {
-        ids.iter().filter(|id| ledger.rejects(&webhookd::event::webhook_id(id, name))).count()
-    };
-    let rejected: usize = endpoints.iter().map(|(name, ledger)| rejected_by(name, ledger)).sum();
-    for (name, ledger) in endpoints {
-        ledger.wait_delivered(name, ids.len() - rejected_by(name, ledger)).await;
-    }
-    let dead = read_until(&kafka.bootstrap, &format!("{topic}.dlq"), 1, move |d| {
-        d.iter()
-            .filter_map(|r| Some((r["event_id"].as_str()?.to_owned(), r["endpoint_id"].as_str()?.to_owned())))
-            .collect::<HashSet<_>>()
-            .len()
-            >= rejected
-    })
-    .await;
-    (tally(ids, endpoints, &dead), dead)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,6 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::bed::*;
-use crate::crash::settle_everything;
 use crate::helpers::http_get;
 
 /// One hostile message: its value, its `event-type` header, the reason it must be dead-lettered with.
@@ -109,7 +108,7 @@ async fn hostile_messages_are_dead_lettered_with_their_reason_and_valid_ones_aro
     send(Some(event("valid_last", 0)), Some("ContactCreate")).await;
 
     let n = expected.len();
-    let dead = read_until(&kafka.bootstrap, &format!("{topic}.dlq"), 1, move |d| d.len() >= n).await;
+    let dead = kafka.read(&format!("{topic}.dlq"), 1, n).await;
     let mut seen = HashMap::new();
     for d in &dead {
         let offset = d["source"]["offset"].as_i64().expect("source offset");

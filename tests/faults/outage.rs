@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::bed::*;
-use crate::crash::settle_everything;
 use crate::helpers::{Kafka, http_get};
 
 fn events(prefix: &str, range: std::ops::Range<usize>) -> (HashSet<String>, Vec<Vec<u8>>) {
@@ -192,16 +191,16 @@ impl SmallDisk {
             .success();
         assert!(ok, "remount {mode} failed");
     }
+}
 
-    /// Fills the disk with a new file, leaving almost nothing free.
-    fn fill(&self) -> PathBuf {
-        let filler = self.path.join(format!("filler-{}", crate::helpers::unique()));
-        let _ = Command::new("dd")
-            .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"])
-            .stderr(std::process::Stdio::null())
-            .status();
-        filler
-    }
+/// Fills the filesystem under `dir` with a new file, leaving almost nothing free.
+fn fill(dir: &Path) -> PathBuf {
+    let filler = dir.join(format!("filler-{}", crate::helpers::unique()));
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    filler
 }
 
 /// Keeps a disk full until dropped, then frees what it took.
@@ -213,14 +212,13 @@ struct Topper {
 impl SmallDisk {
     fn keep_full(&self) -> Topper {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (s, disk) = (stop.clone(), SmallDisk { path: self.path.clone() });
+        let (s, dir) = (stop.clone(), self.path.clone());
         let thread = std::thread::spawn(move || {
             let mut files = Vec::new();
             while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                files.push(disk.fill());
+                files.push(fill(&dir));
                 std::thread::sleep(Duration::from_millis(20));
             }
-            std::mem::forget(disk); // not the owner: must not unmount
             files
         });
         Topper { stop, thread: Some(thread) }

@@ -128,6 +128,19 @@ impl Kafka {
 
     /// Reads `n` messages from the start of every partition of `topic`.
     pub async fn read(&self, topic: &str, partitions: i32, n: usize) -> Vec<serde_json::Value> {
+        self.read_until(topic, partitions, WAIT, move |out| out.len() >= n).await
+    }
+
+    /// Reads every partition of `topic` from the start (JSON records, headers
+    /// as `_header_<key>` fields) until `done` holds over what was read;
+    /// fails the test after `within`.
+    pub async fn read_until(
+        &self,
+        topic: &str,
+        partitions: i32,
+        within: Duration,
+        done: impl Fn(&[serde_json::Value]) -> bool + Send + 'static,
+    ) -> Vec<serde_json::Value> {
         let bootstrap = self.bootstrap.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -142,10 +155,10 @@ impl Kafka {
                 tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("tpl");
             }
             c.assign(&tpl).expect("assign");
-            let deadline = Instant::now() + WAIT;
+            let deadline = Instant::now() + within;
             let mut out = Vec::new();
-            while out.len() < n {
-                assert!(Instant::now() < deadline, "read only {} of {n} messages from {topic}: {out:#?}", out.len());
+            while !done(&out) {
+                assert!(Instant::now() < deadline, "{topic}: condition not met after {} records: {out:#?}", out.len());
                 if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
                     let mut v: serde_json::Value =
                         serde_json::from_slice(m.payload().unwrap_or_default()).expect("dead letters are JSON");
