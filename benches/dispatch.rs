@@ -53,7 +53,7 @@ fn benches(c: &mut Criterion) {
         ));
     }
     let cfg = Config::from_toml_str(&toml, Vec::new()).expect("valid");
-    let table = Registry::from_configs(&cfg.endpoints).snapshot();
+    let table = Registry::from_configs(&cfg.endpoints, 1000).snapshot();
     g.bench_function("route_against_10k_endpoints", |b| {
         b.iter(|| table.route(black_box("ContactCreate"), Some("loc_42")))
     });

@@ -110,7 +110,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         .await
         .map_err(|e| AppError::Task(e.to_string()))??;
 
-    let registry = Registry::from_configs(&config.endpoints);
+    let registry = Registry::from_configs(&config.endpoints, config.admin.endpoint_label_limit);
     // Known endpoints are registered before anything is written, so only
     // deliveries for endpoints missing from the config are reported as orphans.
     let orphans = store.wakeups().orphans();
@@ -128,8 +128,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     let dead_letters = DeadLetters::new(&kafka, &config.source.dead_letter_topic, health.clone())?;
     let source =
         Source::new(&config.source, &bootstrap, store.clone(), registry.clone(), dead_letters.clone(), health.clone())?;
+    let api = crate::manage::router(store.clone(), registry.clone(), config.admin.api_key.as_ref());
     let (admin_addr, admin_serve) =
-        admin::bind(config.admin.listen, prom, health.clone(), store.clone(), shutdown.clone())
+        admin::bind(config.admin.listen, prom, health.clone(), store.clone(), api, shutdown.clone())
             .await
             .map_err(|source| AppError::Admin { addr: config.admin.listen, source })?;
 

@@ -34,8 +34,10 @@ use crate::route::TypeFilter;
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "WEBHOOKD_";
-/// Environment variables with the prefix that are not config overrides.
-const ENV_NOT_OVERRIDES: &[&str] = &["WEBHOOKD_CONFIG", "WEBHOOKD_LOG"];
+/// Environment variables with the prefix that are not config overrides: the
+/// config path, the log filter, and the management commands' admin URL and
+/// API key (a config can name the latter with `api_key = { env = "WEBHOOKD_API_KEY" }`).
+const ENV_NOT_OVERRIDES: &[&str] = &["WEBHOOKD_CONFIG", "WEBHOOKD_LOG", "WEBHOOKD_ADMIN_URL", "WEBHOOKD_API_KEY"];
 /// Variables for the test suite (e.g. `WEBHOOKD_TEST_BOOTSTRAP`), not overrides either.
 const ENV_TEST_PREFIX: &str = "WEBHOOKD_TEST_";
 
@@ -172,6 +174,24 @@ impl std::fmt::Debug for ExtraCa {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Bearer key of the management API (`/api/v1/...`); None: the API is off.
+    pub api_key: Option<ApiKey>,
+    /// Endpoints beyond this many (in config order) share the metric label
+    /// `endpoint="_other"`, so the series count stays bounded.
+    pub endpoint_label_limit: usize,
+}
+
+/// Shortest management API key accepted.
+pub const MIN_API_KEY_CHARS: usize = 16;
+
+/// The management API key; never printed.
+#[derive(Clone)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,7 +346,11 @@ impl Config {
             extra_ca: r.extra_ca("delivery.extra_ca_file"),
         };
         let retry = Self::read_retry(r);
-        let admin = AdminConfig { listen: r.get("admin.listen", SocketAddr::from(([127, 0, 0, 1], 9090))) };
+        let admin = AdminConfig {
+            listen: r.get("admin.listen", SocketAddr::from(([127, 0, 0, 1], 9090))),
+            api_key: r.api_key("admin.api_key"),
+            endpoint_label_limit: r.get("admin.endpoint_label_limit", 1000),
+        };
         let log = LogConfig {
             level: r.non_empty("log.level", "info"),
             format: match r.non_empty("log.format", "text").as_str() {
@@ -734,47 +758,78 @@ impl<'a> Reader<'a> {
         Secrets::new(list)
     }
 
+    /// A sensitive string from a table naming where it is: `value` (inline),
+    /// `env` (a variable name) or `file` (a path, e.g. a mounted Kubernetes
+    /// Secret), plus the `extra` keys the caller reads. Problems name the key,
+    /// never the value.
+    fn sourced(&mut self, at: &str, t: &toml::Table, extra: &[&str]) -> Option<String> {
+        let known = |k: &str| ["value", "env", "file"].contains(&k) || extra.contains(&k);
+        for key in t.keys().filter(|k| !known(k)) {
+            let expected = ["value", "env", "file"].iter().chain(extra).copied().collect::<Vec<_>>().join(", ");
+            self.problem(&format!("{at}.{key}"), &format!("unknown key (expected one of {expected})"));
+        }
+        let sources: Vec<_> = ["value", "env", "file"].into_iter().filter(|k| t.contains_key(*k)).collect();
+        let [source] = sources[..] else {
+            self.problem(at, "give exactly one of `value`, `env` or `file`");
+            return None;
+        };
+        let Some(Value::String(s)) = t.get(source) else {
+            self.problem(&format!("{at}.{source}"), "expected a string");
+            return None;
+        };
+        if source != "value" && s.trim_start().starts_with("whsec_") {
+            // The secret itself where a name belongs: say so without quoting it.
+            let hint = "this looks like the secret itself; give it as `value`, or name where it is";
+            self.problem(&format!("{at}.{source}"), hint);
+            return None;
+        }
+        match source {
+            "env" => match self.env.get(s) {
+                Some(v) => Some(v.clone()),
+                None => {
+                    self.problem(&format!("{at}.env"), &format!("environment variable {s} is not set"));
+                    None
+                }
+            },
+            "file" => match std::fs::read_to_string(s) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.problem(&format!("{at}.file"), &format!("cannot read {s}: {e}"));
+                    None
+                }
+            },
+            _ => Some(s.clone()),
+        }
+    }
+
+    /// The management API's key: a string or `{ value | env | file }`; unset
+    /// means the API is off. At least 16 characters, surrounding space trimmed.
+    fn api_key(&mut self, path: &str) -> Option<ApiKey> {
+        self.seen.insert(path.to_owned());
+        self.free_form(path);
+        let raw = match self.lookup(path).cloned()? {
+            Value::String(s) => s,
+            Value::Table(t) => self.sourced(path, &t, &[])?,
+            _ => {
+                self.problem(path, "expected a string or a table { value | env | file }");
+                return None;
+            }
+        };
+        let key = raw.trim();
+        if key.chars().count() < MIN_API_KEY_CHARS || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.problem(
+                path,
+                &format!("the API key must be at least {MIN_API_KEY_CHARS} characters without spaces (e.g. `openssl rand -hex 24`)"),
+            );
+            return None;
+        }
+        Some(ApiKey(key.to_owned()))
+    }
+
     fn secret(&mut self, at: &str, entry: &Value) -> Option<EndpointSecret> {
         let (raw, expires) = match entry {
             Value::String(s) => (s.clone(), None),
-            Value::Table(t) => {
-                for key in t.keys().filter(|k| !["value", "env", "file", "expires"].contains(&k.as_str())) {
-                    self.problem(&format!("{at}.{key}"), "unknown key (expected value, env, file or expires)");
-                }
-                let sources: Vec<_> = ["value", "env", "file"].into_iter().filter(|k| t.contains_key(*k)).collect();
-                let [source] = sources[..] else {
-                    self.problem(at, "give exactly one of `value`, `env` or `file`");
-                    return None;
-                };
-                let Some(Value::String(s)) = t.get(source) else {
-                    self.problem(&format!("{at}.{source}"), "expected a string");
-                    return None;
-                };
-                if source != "value" && s.trim_start().starts_with("whsec_") {
-                    // The secret itself where a name belongs: say so without quoting it.
-                    let hint = "this looks like the secret itself; give it as `value`, or name where it is";
-                    self.problem(&format!("{at}.{source}"), hint);
-                    return None;
-                }
-                let raw = match source {
-                    "env" => match self.env.get(s) {
-                        Some(v) => v.clone(),
-                        None => {
-                            self.problem(&format!("{at}.env"), &format!("environment variable {s} is not set"));
-                            return None;
-                        }
-                    },
-                    "file" => match std::fs::read_to_string(s) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            self.problem(&format!("{at}.file"), &format!("cannot read {s}: {e}"));
-                            return None;
-                        }
-                    },
-                    _ => s.clone(),
-                };
-                (raw, t.get("expires"))
-            }
+            Value::Table(t) => (self.sourced(at, t, &["expires"])?, t.get("expires")),
             _ => {
                 self.problem(at, "expected a whsec_… string or a table { value | env | file, expires }");
                 return None;
@@ -950,6 +1005,29 @@ mod tests {
                     || l.starts_with(&format!("[[{path}]]"))
             });
             assert!(documented, "{path} is not documented in config/webhookd.toml");
+        }
+    }
+
+    #[test]
+    fn the_api_key_comes_from_the_file_or_the_environment_and_is_never_shown() {
+        let key = "k3y-0123456789abcdef";
+        let c = Config::from_toml_str(
+            "[admin]\napi_key = { env = \"WEBHOOKD_API_KEY\" }",
+            env(&[("WEBHOOKD_API_KEY", key)]),
+        )
+        .expect("valid");
+        assert_eq!(c.admin.api_key.as_ref().map(|k| k.0.as_str()), Some(key));
+        assert!(!format!("{c:?}").contains(key), "the key is redacted in Debug");
+        assert!(Config::from_toml_str("", Vec::new()).expect("valid").admin.api_key.is_none(), "off by default");
+        for (toml, want) in [
+            ("api_key = \"short\"", "admin.api_key: the API key must be at least 16 characters"),
+            ("api_key = { env = \"NOPE_NOT_SET\" }", "admin.api_key.env: environment variable NOPE_NOT_SET is not set"),
+            ("api_key = { value = \"0123456789abcdef0\", expires = \"x\" }", "admin.api_key.expires: unknown key"),
+            ("api_key = 42", "admin.api_key: expected a string or a table"),
+        ] {
+            let err = Config::from_toml_str(&format!("[admin]\n{toml}"), Vec::new()).expect_err(toml).to_string();
+            assert!(err.contains(want), "{toml}: {err}");
+            assert!(!err.contains("0123456789abcdef0"), "the value is never quoted: {err}");
         }
     }
 

@@ -56,6 +56,16 @@ pub enum DeliveryFailure {
 }
 
 impl DeliveryFailure {
+    pub const ALL: [DeliveryFailure; 7] = [
+        DeliveryFailure::Rejected,
+        DeliveryFailure::Gone,
+        DeliveryFailure::Exhausted,
+        DeliveryFailure::EndpointDisabled,
+        DeliveryFailure::EndpointRemoved,
+        DeliveryFailure::Refused,
+        DeliveryFailure::DestinationRefused,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             DeliveryFailure::Rejected => "rejected",
@@ -220,6 +230,57 @@ pub fn delivery_record(d: &Delivery, failure: DeliveryFailure, now_ms: i64) -> V
     serde_json::to_vec(&letter).expect("a dead letter always serialises")
 }
 
+/// What a replay reads from a delivery's dead letter.
+#[derive(serde::Deserialize)]
+struct StoredLetter<'a> {
+    reason: String,
+    endpoint_id: Option<String>,
+    event_id: Option<String>,
+    event_type: Option<String>,
+    webhook_id: Option<String>,
+    source: Option<SourcePos>,
+    #[serde(borrow)]
+    event: Option<&'a serde_json::value::RawValue>,
+    event_base64: Option<String>,
+    #[serde(default)]
+    event_truncated: bool,
+    #[serde(default)]
+    event_bytes: usize,
+}
+
+/// The delivery a replay of this dead letter makes: the same event bytes and
+/// `webhook-id` to the same endpoint, with no attempts yet. Its latency is
+/// counted from the replay (`now_ms`), not from the event's timestamp. Only a
+/// delivery's dead letter with the whole event can be replayed.
+pub fn replay_delivery(record: &[u8], now_ms: i64) -> Result<Delivery, String> {
+    let letter: StoredLetter<'_> =
+        serde_json::from_slice(record).map_err(|e| format!("the stored dead letter cannot be read: {e}"))?;
+    let (Some(endpoint_id), Some(event_id), Some(event_type), Some(webhook_id), Some(source)) =
+        (letter.endpoint_id, letter.event_id, letter.event_type, letter.webhook_id, letter.source)
+    else {
+        return Err(format!(
+            "not a delivery (reason {}): an event that could not be decoded is replayed by publishing it again, fixed",
+            letter.reason
+        ));
+    };
+    if letter.event_truncated {
+        return Err(format!(
+            "the dead letter keeps only part of the {}-byte event; it is still at {}/{}/{} on the source topic",
+            letter.event_bytes, source.topic, source.partition, source.offset
+        ));
+    }
+    let payload = match (letter.event, letter.event_base64) {
+        (Some(raw), _) => bytes::Bytes::copy_from_slice(raw.get().as_bytes()),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .map(bytes::Bytes::from)
+            .map_err(|e| format!("event_base64 does not decode: {e}"))?,
+        (None, None) => return Err("the dead letter holds no event".into()),
+    };
+    let event = crate::event::Event { id: event_id, event_type, location_id: None, time_ms: now_ms, payload, source };
+    Ok(Delivery::unattempted(webhook_id, endpoint_id, &event))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,7 +329,17 @@ mod tests {
         assert_eq!(v["first_attempt_at"], "2023-11-14T22:13:20Z");
         let raw = String::from_utf8(delivery_record(&d, DeliveryFailure::Exhausted, 0)).expect("utf8");
         assert!(raw.contains(r#""event":{"id":"e","n":1.250}"#), "embedded byte for byte: {raw}");
+        let back = replay_delivery(&delivery_record(&d, DeliveryFailure::Exhausted, 0), 7).expect("replayable");
+        assert_eq!(back.payload, d.payload, "byte for byte");
+        assert_eq!((back.attempts, back.webhook_id.as_str(), back.event_time_ms), (0, "msg_1", 7));
+        d.payload = bytes::Bytes::from_static(b"\xff not json");
+        let back = replay_delivery(&delivery_record(&d, DeliveryFailure::Exhausted, 0), 7).expect("replayable");
+        assert_eq!(back.payload, d.payload, "base64 form");
+        let err = replay_delivery(&invalid_record(&pos(), Some(b"{"), &InvalidEvent::InvalidJson("x".into()), 0), 7);
+        assert!(err.expect_err("invalid events are not replayed").contains("publishing it again"));
         d.payload = bytes::Bytes::from(vec![b' '; MAX_EMBEDDED_EVENT + 1]);
+        let err = replay_delivery(&delivery_record(&d, DeliveryFailure::Rejected, 0), 7).expect_err("truncated");
+        assert!(err.contains("t/1/9"), "{err}");
         let v: Value = serde_json::from_slice(&delivery_record(&d, DeliveryFailure::Rejected, 0)).expect("json");
         assert_eq!(v["event_truncated"], true);
         assert!(v.get("event").is_none());

@@ -18,7 +18,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::config::EnvelopeConfig;
 
 /// Where a message came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct SourcePos {
     pub topic: String,
     pub partition: i32,
@@ -70,6 +70,23 @@ pub enum InvalidEvent {
 
 impl InvalidEvent {
     /// A stable, low-cardinality reason for metrics labels and dead letters.
+    /// Every value [`InvalidEvent::reason`] can return (the metrics start them at zero).
+    pub const REASONS: [&'static str; 13] = [
+        "empty",
+        "too_large",
+        "not_utf8",
+        "invalid_json",
+        "not_an_object",
+        "missing_field",
+        "empty_field",
+        "wrong_type",
+        "duplicate_field",
+        "bad_timestamp",
+        "bad_header",
+        "too_deep",
+        "too_long",
+    ];
+
     pub fn reason(&self) -> &'static str {
         match self {
             InvalidEvent::Empty => "empty",
@@ -302,6 +319,27 @@ impl<'de> Visitor<'de> for FieldsSeed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_in_the_list_the_metrics_start_with() {
+        let s = || String::new();
+        let all = [
+            InvalidEvent::Empty,
+            InvalidEvent::TooLarge { size: 0, limit: 0 },
+            InvalidEvent::NotUtf8(s()),
+            InvalidEvent::InvalidJson(s()),
+            InvalidEvent::NotAnObject,
+            InvalidEvent::MissingField(s()),
+            InvalidEvent::EmptyField(s()),
+            InvalidEvent::WrongType { field: s(), expected: "" },
+            InvalidEvent::DuplicateField(s()),
+            InvalidEvent::BadTimestamp { field: s(), detail: s() },
+            InvalidEvent::BadHeader(s()),
+            InvalidEvent::TooDeep,
+            InvalidEvent::TooLong(s()),
+        ];
+        assert_eq!(all.map(|e| e.reason()), InvalidEvent::REASONS);
+    }
 
     fn cfg() -> EnvelopeConfig {
         EnvelopeConfig::default()

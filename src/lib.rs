@@ -21,7 +21,8 @@
 //! 7. [`dead_letter`]: the dead-letter topic and its record format.
 //!
 //! Around them: [`config`] (typed, validated configuration), [`telemetry`]
-//! (metrics catalogue, admin listener, logs), [`redact`] (URLs printed
+//! (metrics catalogue, admin listener, logs), [`manage`] (the management API
+//! and the operator commands that call it), [`redact`] (URLs printed
 //! without credentials), and [`app`], which wires the stages together and
 //! owns shutdown.
 
@@ -31,6 +32,7 @@ pub mod dead_letter;
 pub mod deliver;
 pub mod demo;
 pub mod event;
+pub mod manage;
 pub mod redact;
 pub mod retry;
 pub mod route;

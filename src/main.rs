@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use webhookd::config::Config;
+use webhookd::manage::cli::{self, CliError, Filter, Target};
 
 #[derive(Parser)]
 #[command(name = "webhookd", version, about = "Kafka events in, signed webhook deliveries out")]
@@ -34,9 +35,133 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         events: u32,
     },
+    /// List and replay dead letters, through a running webhookd's management API.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+    /// List endpoints and re-enable disabled ones, through the management API.
+    #[command(subcommand)]
+    Endpoints(EndpointCommand),
 }
 
-/// Exit code for a configuration that does not validate.
+/// Where the management API is.
+#[derive(Args)]
+struct TargetArgs {
+    /// The admin listener of the webhookd to manage.
+    #[arg(long, env = "WEBHOOKD_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    admin: url::Url,
+    /// The management API key (the daemon's admin.api_key).
+    #[arg(long, env = "WEBHOOKD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+impl TargetArgs {
+    fn target(self) -> Target {
+        Target { admin: self.admin, api_key: self.api_key.unwrap_or_default() }
+    }
+}
+
+/// Which dead letters.
+#[derive(Args)]
+struct FilterArgs {
+    /// Only this endpoint's.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Only this reason: rejected, exhausted, gone, endpoint_disabled, endpoint_removed, refused, destination_refused.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Dead-lettered at or after: an RFC 3339 time, or a duration ago such as 2h.
+    #[arg(long)]
+    since: Option<String>,
+    /// Dead-lettered before: an RFC 3339 time, or a duration ago.
+    #[arg(long)]
+    until: Option<String>,
+    /// At most this many.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl From<FilterArgs> for Filter {
+    fn from(a: FilterArgs) -> Filter {
+        Filter { endpoint: a.endpoint, reason: a.reason, since: a.since, until: a.until, limit: a.limit }
+    }
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// List the dead letters this instance keeps, oldest first.
+    List {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON object per line (id and the stored record) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters again: each goes back to the outbox once, with fresh
+    /// attempts and the same webhook-id, bypassing deduplication.
+    Replay {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// A dead letter's id, as listed (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print what would be replayed and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointCommand {
+    /// The configured endpoints and whether they are enabled.
+    List {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Re-enable an endpoint that was disabled (by a 410 Gone answer).
+    Enable {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The endpoint's id.
+        id: String,
+    },
+}
+
+/// Runs an operator command against the management API.
+fn manage(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("webhookd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match command {
+            Command::DeadLetters(DeadLetterCommand::List { target, filter, json }) => {
+                cli::list(target.target(), filter.into(), json).await
+            }
+            Command::DeadLetters(DeadLetterCommand::Replay { target, ids, filter, dry_run }) => {
+                cli::replay(target.target(), ids, filter.into(), dry_run).await
+            }
+            Command::Endpoints(EndpointCommand::List { target }) => cli::endpoints(target.target()).await,
+            Command::Endpoints(EndpointCommand::Enable { target, id }) => cli::enable(target.target(), &id).await,
+            _ => Err(CliError::Usage("not a management command".into())),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("webhookd: {e}");
+            ExitCode::from(if matches!(e, CliError::Usage(_)) { EXIT_CONFIG } else { 1 })
+        }
+    }
+}
+
+/// Exit code for a configuration that does not validate, or a bad command line.
 const EXIT_CONFIG: u8 = 2;
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -48,6 +173,9 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::DeadLetters(_) | Command::Endpoints(_)) {
+        return manage(cli.command);
+    }
     let (config, demo_events) = match &cli.command {
         Command::Check { config } => {
             return match load(config) {
@@ -68,6 +196,7 @@ fn main() -> ExitCode {
         }
         Command::Run { config } => (config, None),
         Command::Demo { config, events } => (config, Some(*events)),
+        Command::DeadLetters(_) | Command::Endpoints(_) => unreachable!("handled above"),
     };
     let config = match load(config) {
         Ok(c) => c,

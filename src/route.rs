@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::EndpointConfig;
+use crate::telemetry::metrics::{self, EndpointMetrics, OTHER_ENDPOINTS};
 
 /// One entry of an endpoint's event-type filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,14 +54,20 @@ impl TypeFilter {
 #[derive(Debug)]
 pub struct Endpoint {
     pub config: EndpointConfig,
+    pub metrics: EndpointMetrics,
     enabled: AtomicBool,
     removed: bool,
 }
 
 impl Endpoint {
-    pub fn new(config: EndpointConfig) -> Self {
+    /// `label`: the endpoint's `endpoint` metric label (its id, or the shared
+    /// one past the label limit).
+    pub fn new(config: EndpointConfig, label: &str) -> Self {
+        let metrics = EndpointMetrics::new(label);
+        metrics.enabled.set(if config.enabled { 1.0 } else { 0.0 });
+        metrics::endpoints_in_state(config.enabled).increment(1.0);
         let enabled = AtomicBool::new(config.enabled);
-        Endpoint { config, enabled, removed: false }
+        Endpoint { config, metrics, enabled, removed: false }
     }
 
     /// Stands in for an endpoint that still has deliveries in the store but is
@@ -83,7 +90,7 @@ impl Endpoint {
             attempt_timeout: std::time::Duration::from_secs(5),
             legacy_hmac_header: false,
         };
-        Endpoint { config, enabled: AtomicBool::new(false), removed: true }
+        Endpoint { config, metrics: EndpointMetrics::noop(), enabled: AtomicBool::new(false), removed: true }
     }
 
     pub fn is_removed(&self) -> bool {
@@ -95,8 +102,15 @@ impl Endpoint {
     pub fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
-    pub fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, Ordering::Release);
+    /// Turns deliveries on or off; true if that changed anything.
+    pub fn set_enabled(&self, on: bool) -> bool {
+        let changed = self.enabled.swap(on, Ordering::AcqRel) != on;
+        if changed && !self.removed {
+            self.metrics.enabled.set(if on { 1.0 } else { 0.0 });
+            metrics::endpoints_in_state(on).increment(1.0);
+            metrics::endpoints_in_state(!on).decrement(1.0);
+        }
+        changed
     }
     /// The subscription rule stated plainly; the index must agree with it.
     #[cfg(test)]
@@ -190,8 +204,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn from_configs(configs: &[EndpointConfig]) -> Self {
-        let endpoints = configs.iter().cloned().map(|c| Arc::new(Endpoint::new(c))).collect();
+    /// The first `label_limit` endpoints get their id as metric label, the
+    /// rest share [`OTHER_ENDPOINTS`].
+    pub fn from_configs(configs: &[EndpointConfig], label_limit: usize) -> Self {
+        let endpoints = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let label = if i < label_limit { c.id.as_str() } else { OTHER_ENDPOINTS };
+                Arc::new(Endpoint::new(c.clone(), label))
+            })
+            .collect();
         Registry { table: Arc::new(RwLock::new(Arc::new(RouteTable::new(endpoints)))) }
     }
 
@@ -212,7 +235,7 @@ mod tests {
 
     fn registry(toml: &str) -> Registry {
         let cfg = Config::from_toml_str(toml, Vec::new()).expect("valid config");
-        Registry::from_configs(&cfg.endpoints)
+        Registry::from_configs(&cfg.endpoints, 1000)
     }
 
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

@@ -128,7 +128,8 @@ pub async fn attempt(client: &HttpClient, a: AttemptRequest<'_>) -> Result<Respo
     Ok(Response { status, retry_after })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The error and its sources, joined with ": ".
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

@@ -28,7 +28,6 @@ use crate::dead_letter::{self, DeadLetters, DeliveryFailure};
 use crate::retry::{RetryDecision, RetryPolicy};
 use crate::route::Endpoint;
 use crate::store::{Next, ReadyItem, Store, now_ms};
-use crate::telemetry::metrics::EndpointMetrics;
 use client::{AttemptRequest, HttpClient};
 use outcome::{AttemptError, Outcome, classify};
 
@@ -60,8 +59,6 @@ impl Deliverer {
         let in_flight = Arc::new(Semaphore::new(ep.config.max_in_flight.get()));
         let batch = ep.config.max_in_flight.get().clamp(16, 256);
         let mut cursor: Option<u64> = None;
-        let metrics = Arc::new(EndpointMetrics::new(ep.id()));
-        metrics.enabled.set(if ep.is_enabled() { 1.0 } else { 0.0 });
         loop {
             let (items, scanned_to) = match self.store.load_ready(ep.id(), cursor, batch).await {
                 Ok(loaded) => loaded,
@@ -92,18 +89,21 @@ impl Deliverer {
                 cursor = Some(item.seq);
                 let needs_http = ep.is_enabled() && item.delivery.dead_letter_reason.is_none();
                 if needs_http && limiter.check().is_err() {
-                    metrics.rate_limited.increment(1);
+                    ep.metrics.rate_limited.increment(1);
                     tokio::select! {
                         _ = limiter.until_ready() => {}
                         _ = shutdown.cancelled() => return,
                     }
                 }
-                let (this, ep, metrics) = (self.clone(), ep.clone(), metrics.clone());
+                let (this, ep) = (self.clone(), ep.clone());
+                // Status, outcome and duration are filled in when the attempt ends.
                 let span = tracing::info_span!("attempt", endpoint = ep.id(), event_id = %item.delivery.event_id,
-                    webhook_id = %item.delivery.webhook_id, attempt = item.delivery.attempts + 1);
+                    webhook_id = %item.delivery.webhook_id, attempt = item.delivery.attempts + 1,
+                    status = tracing::field::Empty, outcome = tracing::field::Empty,
+                    duration_ms = tracing::field::Empty);
                 self.attempts.spawn(
                     async move {
-                        this.settle(ep, item, &metrics).await;
+                        this.settle(ep, item).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -114,7 +114,8 @@ impl Deliverer {
     }
 
     /// Attempts one delivery (or finishes dead-lettering it) and records the result.
-    async fn settle(&self, ep: Arc<Endpoint>, item: ReadyItem, metrics: &EndpointMetrics) {
+    async fn settle(&self, ep: Arc<Endpoint>, item: ReadyItem) {
+        let metrics = &ep.metrics;
         let ReadyItem { key, delivery: mut d, .. } = item;
         let next = if let Some(reason) = d.dead_letter_reason.take() {
             self.dead_letter(d, DeliveryFailure::parse(&reason)).await
@@ -155,6 +156,9 @@ impl Deliverer {
             metrics.attempt_duration.record(elapsed.as_secs_f64());
             let outcome = classify(&result);
             metrics.delivery(outcome.as_str()).increment(1);
+            if outcome == Outcome::Delivered && d.event_time_ms > 0 {
+                metrics.delivery_latency.record((now_ms() - d.event_time_ms).max(0) as f64 / 1000.0);
+            }
             match &result {
                 Ok(r) => {
                     d.last_status = r.status;
@@ -187,7 +191,7 @@ impl Deliverer {
                     self.dead_letter(d, why).await
                 }
                 Outcome::Gone => {
-                    self.disable(&ep, metrics).await;
+                    self.disable(&ep).await;
                     self.dead_letter(d, DeliveryFailure::Gone).await
                 }
             }
@@ -225,12 +229,10 @@ impl Deliverer {
         })
     }
 
-    async fn disable(&self, ep: &Endpoint, metrics: &EndpointMetrics) {
-        if !ep.is_enabled() {
+    async fn disable(&self, ep: &Endpoint) {
+        if !ep.set_enabled(false) {
             return;
         }
-        ep.set_enabled(false);
-        metrics.enabled.set(0.0);
         tracing::warn!(endpoint = ep.id(), "endpoint answered 410 Gone: disabled");
         let state = serde_json::json!({ "disabled": true, "reason": "gone", "status": 410, "at_ms": now_ms() });
         while let Err(e) = self.store.set_endpoint_disabled(ep.id(), Some(state.clone())).await {
@@ -242,8 +244,15 @@ impl Deliverer {
     }
 }
 
+/// Fills in the attempt's span and logs it: every attempt at `debug`, failed ones at `info`.
 fn log_attempt(result: &Result<outcome::Response, AttemptError>, outcome: Outcome, elapsed: Duration) {
     let ms = elapsed.as_secs_f64() * 1000.0;
+    let span = tracing::Span::current();
+    span.record("outcome", outcome.as_str());
+    span.record("duration_ms", ms);
+    if let Ok(r) = result {
+        span.record("status", r.status);
+    }
     match result {
         Ok(r) => tracing::debug!(status = r.status, outcome = outcome.as_str(), duration_ms = ms, "attempt finished"),
         Err(e) => {

@@ -19,7 +19,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,9 @@ const BATCHES_IN_FLIGHT: usize = 4;
 const DEAD_LETTERS_IN_FLIGHT: usize = 256;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often librdkafka reports statistics (the consumer lag gauges), unless
+/// `source.kafka` sets `statistics.interval.ms`.
+const STATS_INTERVAL_MS: &str = "5000";
 
 /// librdkafka settings shared by the consumer and the dead-letter producer.
 pub fn kafka_config(cfg: &SourceConfig, bootstrap: &str) -> ClientConfig {
@@ -55,6 +58,11 @@ pub fn kafka_config(cfg: &SourceConfig, bootstrap: &str) -> ClientConfig {
 
 pub struct ConsumerCtx {
     offsets: Arc<Mutex<Offsets>>,
+    health: Arc<Health>,
+}
+
+fn lag_gauge(topic: &str, partition: i32) -> metrics::Gauge {
+    metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.to_owned(), "partition" => partition.to_string())
 }
 
 fn lock(o: &Mutex<Offsets>) -> std::sync::MutexGuard<'_, Offsets> {
@@ -86,6 +94,21 @@ impl ClientContext for ConsumerCtx {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", error = %error, "{reason}");
     }
+
+    /// Consumer lag of the partitions we own. librdkafka counts it from the
+    /// committed offset, which here only moves past settled events, so it is
+    /// the backlog not yet safely in the outbox. Unknown (-1) until the
+    /// partition has a committed offset.
+    fn stats(&self, stats: Statistics) {
+        let o = lock(&self.offsets);
+        for (topic, t) in &stats.topics {
+            for (&partition, p) in &t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 && o.owns(&(topic.clone(), partition)) {
+                    lag_gauge(topic, partition).set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
 }
 
 impl ConsumerContext for ConsumerCtx {
@@ -103,6 +126,11 @@ impl ConsumerContext for ConsumerCtx {
                     })
                     .collect()
             };
+            for e in tpl.elements() {
+                // The new owner reports it now; a sum over instances stays right.
+                lag_gauge(e.topic(), e.partition()).set(0.0);
+            }
+            metrics::gauge!(m::PARTITIONS_ASSIGNED).set(lock(&self.offsets).assigned() as f64);
             tracing::info!(partitions = tpl.count(), commits = commit.len(), "partitions revoked");
             if !commit.is_empty() {
                 let result = consumer.commit(&tp_list(&commit), CommitMode::Sync);
@@ -117,6 +145,10 @@ impl ConsumerContext for ConsumerCtx {
             for e in tpl.elements() {
                 o.assign((e.topic().to_owned(), e.partition()));
             }
+            metrics::gauge!(m::PARTITIONS_ASSIGNED).set(o.assigned() as f64);
+            // An empty assignment counts: the group has placed us (there may be
+            // more instances than partitions).
+            self.health.assigned.store(true, std::sync::atomic::Ordering::Release);
             tracing::info!(partitions = tpl.count(), "partitions assigned");
         }
     }
@@ -167,14 +199,18 @@ impl Source {
         health: Arc<Health>,
     ) -> Result<Source, KafkaError> {
         let offsets = Arc::new(Mutex::new(Offsets::default()));
-        let consumer: KafkaConsumer = kafka_config(cfg, bootstrap)
+        let mut client = kafka_config(cfg, bootstrap);
+        if !cfg.kafka.0.contains_key("statistics.interval.ms") {
+            client.set("statistics.interval.ms", STATS_INTERVAL_MS);
+        }
+        let consumer: KafkaConsumer = client
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
-            .create_with_context(ConsumerCtx { offsets: offsets.clone() })?;
+            .create_with_context(ConsumerCtx { offsets: offsets.clone(), health: health.clone() })?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(Source { consumer: Arc::new(consumer), offsets, store, registry, dead_letters, cfg: cfg.clone(), health })

@@ -81,6 +81,16 @@ impl Offsets {
         }
     }
 
+    /// Whether the partition is assigned to us.
+    pub fn owns(&self, tp: &Tp) -> bool {
+        self.parts.contains_key(tp)
+    }
+
+    /// How many partitions are assigned to us.
+    pub fn assigned(&self) -> usize {
+        self.parts.len()
+    }
+
     /// Messages received but not settled, across partitions.
     pub fn unsettled(&self) -> usize {
         self.parts.values().map(|p| p.pending.len()).sum()

@@ -160,6 +160,75 @@ impl Wakeups {
     }
 }
 
+/// A dead letter's place in the local index: when it was dead-lettered (unix
+/// ms) and the store's sequence number. Written `<ms>-<seq>`; ordered by time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeadId {
+    pub ms: i64,
+    pub seq: u64,
+}
+
+impl DeadId {
+    fn key(&self) -> Vec<u8> {
+        seq_key(self.ms, self.seq)
+    }
+
+    fn from_key(k: &[u8]) -> Option<DeadId> {
+        let ms = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+        let seq = u64::from_be_bytes(k.get(8..16)?.try_into().ok()?);
+        Some(DeadId { ms: i64::try_from(ms).ok()?, seq })
+    }
+}
+
+impl std::fmt::Display for DeadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl std::str::FromStr for DeadId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("bad dead-letter id {s:?}: expected <ms>-<seq> as listed, e.g. 1732400000000-42");
+        let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
+        Ok(DeadId { ms: ms.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
+    }
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeadQuery {
+    /// Only this endpoint's.
+    pub endpoint: Option<String>,
+    /// Only this reason (`exhausted`, `rejected`, `gone`, ...).
+    pub reason: Option<String>,
+    /// Dead-lettered at or after this unix ms...
+    pub since_ms: Option<i64>,
+    /// ...and before this one.
+    pub until_ms: Option<i64>,
+    /// Resume after this id (paging).
+    pub after: Option<DeadId>,
+    pub limit: usize,
+}
+
+/// The fields of a dead letter a query filters on (the rest is skipped unparsed).
+#[derive(serde::Deserialize)]
+struct Filterable<'a> {
+    #[serde(borrow, default)]
+    endpoint_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl DeadQuery {
+    fn matches(&self, f: &Filterable<'_>) -> bool {
+        let is = |have: &Option<std::borrow::Cow<'_, str>>, want: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_deref() == Some(w.as_str()))
+        };
+        is(&f.endpoint_id, &self.endpoint) && is(&f.reason, &self.reason)
+    }
+}
+
 /// Live counts of the outbox, kept by the writer.
 #[derive(Debug, Default)]
 pub struct Depth {
@@ -451,17 +520,65 @@ impl Store {
         .await
     }
 
-    /// The dead letters kept in the local index, oldest first.
-    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<serde_json::Value>, StoreError> {
+    /// Dead letters of the local index that match `q`, oldest first, at most
+    /// `q.limit`, as stored (JSON). Records that are not JSON are skipped (none are written).
+    pub async fn dead_letters(&self, q: DeadQuery) -> Result<Vec<(DeadId, Vec<u8>)>, StoreError> {
         self.read(move |db| {
             let mut out = Vec::new();
-            for kv in db.iterator_cf(cf(db, CF_DEAD), IteratorMode::Start).take(limit) {
-                let (_, v) = kv?;
-                out.push(serde_json::from_slice(&v).map_err(|_| CorruptRecord("dead letter"))?);
+            let mut it = db.raw_iterator_cf(cf(db, CF_DEAD));
+            let from = q.since_ms.map_or(DeadId { ms: 0, seq: 0 }, |ms| DeadId { ms, seq: 0 });
+            let from = match q.after {
+                Some(after) if after >= from => DeadId { seq: after.seq.saturating_add(1), ..after },
+                _ => from,
+            };
+            it.seek(from.key());
+            while out.len() < q.limit {
+                let Some((k, v)) = it.item() else { break };
+                let Some(id) = DeadId::from_key(k) else { break };
+                if q.until_ms.is_some_and(|until| id.ms >= until) {
+                    break;
+                }
+                if serde_json::from_slice::<Filterable<'_>>(v).is_ok_and(|f| q.matches(&f)) {
+                    out.push((id, v.to_vec()));
+                }
+                it.next();
+            }
+            it.status()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The dead letters with these ids, as stored (None where there is none).
+    pub async fn dead_letters_by_id(&self, ids: Vec<DeadId>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.read(move |db| {
+            let dead = cf(db, CF_DEAD);
+            let keys: Vec<Vec<u8>> = ids.iter().map(DeadId::key).collect();
+            let mut out = Vec::with_capacity(keys.len());
+            for found in db.multi_get_cf(keys.iter().map(|k| (dead, k.as_slice()))) {
+                out.push(found?);
             }
             Ok(out)
         })
         .await
+    }
+
+    /// Moves dead letters back to the outbox as fresh deliveries, in one
+    /// atomic write. Each is moved only if it is still in the index, so a
+    /// dead letter replayed twice (even concurrently) is delivered once.
+    /// Returns, per item, whether it was moved.
+    pub async fn replay(&self, items: Vec<(DeadId, Delivery)>) -> Result<Vec<bool>, StoreError> {
+        let items = items.into_iter().map(|(id, d)| (id.key(), d)).collect();
+        self.call(|reply| Op::Replay { items, reply }).await
+    }
+
+    /// Bytes of SST files over all column families (None while reopening).
+    pub fn size_bytes(&self) -> Option<u64> {
+        let db = self.db.get().ok()?;
+        let sizes = ALL_CFS
+            .iter()
+            .map(|name| db.property_int_value_cf(cf(&db, name), "rocksdb.total-sst-files-size").ok().flatten());
+        Some(sizes.map(Option::unwrap_or_default).sum())
     }
 
     /// Whether an event id is inside the dedup window.
@@ -630,7 +747,7 @@ mod tests {
             .await
             .expect("dead");
         assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (0, 1));
-        assert_eq!(s.dead_letters(10).await.expect("dead").len(), 1);
+        assert_eq!(s.dead_letters(DeadQuery { limit: 10, ..Default::default() }).await.expect("dead").len(), 1);
         let last_seq = items[2].seq;
         s.close().await;
         drop(s);
@@ -697,11 +814,80 @@ mod tests {
         assert_eq!(scanned_to, Some(1_000_001));
         // The quarantine goes through the writer: wait for it by closing.
         s.close().await;
-        let dead: Vec<serde_json::Value> = s.dead_letters(10).await.expect("dead");
+        let dead: Vec<serde_json::Value> = s
+            .dead_letters(DeadQuery { limit: 10, ..Default::default() })
+            .await
+            .expect("dead")
+            .into_iter()
+            .map(|(_, raw)| serde_json::from_slice(&raw).expect("json"))
+            .collect();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0]["reason"], "corrupt_record");
         assert_eq!(dead[0]["column_family"], "ready");
         assert_eq!(s.raw().get_cf(cf(&s.raw(), CF_READY), ready_key("a", 1_000_000)).expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_by_filter_and_replayed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600));
+        let specs = [("e1", "a", "rejected"), ("e2", "b", "exhausted"), ("e3", "a", "exhausted"), ("e4", "a", "gone")];
+        let events: Vec<NewEvent> = specs.iter().map(|(e, ep, _)| new_event(e, &[ep])).collect();
+        s.intake(Arc::new(events)).await.expect("intake");
+        for ep in ["a", "b"] {
+            for item in s.load_ready(ep, None, 10).await.expect("load").0 {
+                let (_, _, reason) = specs.iter().find(|(e, ..)| *e == item.delivery.event_id).expect("known");
+                let record =
+                    serde_json::json!({ "reason": reason, "endpoint_id": ep, "event_id": item.delivery.event_id });
+                s.finish(item.key, Next::Dead { record: record.to_string().into_bytes() }).await.expect("dead");
+            }
+        }
+        let list = |q: DeadQuery| {
+            let s = s.clone();
+            async move {
+                let page = s.dead_letters(DeadQuery { limit: 10, ..q }).await.expect("list");
+                let json = |raw: &[u8]| serde_json::from_slice::<serde_json::Value>(raw).expect("json");
+                page.into_iter()
+                    .map(|(id, raw)| (id, json(&raw)["event_id"].as_str().unwrap_or("?").to_owned()))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let all = list(DeadQuery::default()).await;
+        assert_eq!(all.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(), ["e1", "e3", "e4", "e2"]);
+        let a_exhausted =
+            list(DeadQuery { endpoint: Some("a".into()), reason: Some("exhausted".into()), ..Default::default() })
+                .await;
+        assert_eq!(a_exhausted.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(), ["e3"]);
+        let page2 = list(DeadQuery { after: Some(all[1].0), ..Default::default() }).await;
+        assert_eq!(page2.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(), ["e4", "e2"], "paging resumes after");
+        let later = list(DeadQuery { since_ms: Some(now_ms() + 60_000), ..Default::default() }).await;
+        assert!(later.is_empty(), "nothing dead-lettered in the future");
+        let earlier = list(DeadQuery { until_ms: Some(all[0].0.ms), ..Default::default() }).await;
+        assert!(earlier.is_empty(), "until is exclusive");
+        assert_eq!(all[0].0.to_string().parse::<DeadId>(), Ok(all[0].0), "ids round-trip");
+
+        // Replaying e3 twice in one call and once more after: moved once.
+        let id = a_exhausted[0].0;
+        let fresh = delivery("e3", "a");
+        let moved = s.replay(vec![(id, fresh.clone()), (id, fresh.clone())]).await.expect("replay");
+        assert_eq!(moved, vec![true, false]);
+        assert_eq!(s.replay(vec![(id, fresh)]).await.expect("replay"), vec![false], "already replayed");
+        let (ready, _) = s.load_ready("a", None, 10).await.expect("load");
+        assert_eq!(
+            ready.iter().map(|i| (i.delivery.event_id.as_str(), i.delivery.attempts)).collect::<Vec<_>>(),
+            [("e3", 0)]
+        );
+        assert_eq!(
+            s.dead_letters_by_id(vec![id, all[0].0])
+                .await
+                .expect("get")
+                .iter()
+                .map(Option::is_some)
+                .collect::<Vec<_>>(),
+            [false, true]
+        );
+        assert_eq!(list(DeadQuery::default()).await.len(), 3);
+        s.close().await;
     }
 
     #[tokio::test]

@@ -37,9 +37,15 @@ pub struct CorruptRecord(pub &'static str);
 impl Delivery {
     /// The first delivery of `event` to an endpoint: no attempts yet.
     pub fn new(event: &Event, endpoint_id: &str) -> Delivery {
+        Delivery::unattempted(crate::event::webhook_id(&event.id, endpoint_id), endpoint_id.to_owned(), event)
+    }
+
+    /// A delivery with no attempts yet: `event`'s id, type, time, source and
+    /// payload under this `webhook-id` to this endpoint.
+    pub fn unattempted(webhook_id: String, endpoint_id: String, event: &Event) -> Delivery {
         Delivery {
-            webhook_id: crate::event::webhook_id(&event.id, endpoint_id),
-            endpoint_id: endpoint_id.to_owned(),
+            webhook_id,
+            endpoint_id,
             event_id: event.id.clone(),
             event_type: event.event_type.clone(),
             event_time_ms: event.time_ms,

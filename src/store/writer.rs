@@ -10,8 +10,8 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, DbCell, Depth, DueItem, Intake, NewEvent, Next,
-    StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
+    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, DbCell, Delivery, Depth, DueItem, Intake, NewEvent,
+    Next, StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
 };
 use crate::telemetry::metrics as m;
 
@@ -51,6 +51,11 @@ pub(super) enum Op {
         state: Option<serde_json::Value>,
         reply: Reply<()>,
     },
+    /// Dead letters (by index key) back to the outbox, each only if still there.
+    Replay {
+        items: Vec<(Vec<u8>, Delivery)>,
+        reply: Reply<Vec<bool>>,
+    },
     Close,
 }
 
@@ -79,6 +84,8 @@ struct Group {
     ready_delta: i64,
     waiting_delta: i64,
     dedup_added: HashSet<String>,
+    /// Dead letters this group already moves back (a second replay finds none).
+    replayed: HashSet<Vec<u8>>,
     /// Earliest due time among retries this group schedules.
     min_new_due: Option<i64>,
 }
@@ -261,6 +268,14 @@ impl Writer {
                 g.wake_endpoints.insert(id);
                 g.replies.push(simple(reply));
             }
+            Op::Replay { items, reply } => match self.replay(db, items, g) {
+                Ok(moved) => g.replies.push(Box::new(move |r| {
+                    let _ = reply.send(r.map(|_| moved).map_err(clone_err));
+                })),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Op::Quarantine { cf_name, key, raw } => {
                 g.batch.delete_cf(cf(db, cf_name), &key);
                 match cf_name {
@@ -280,6 +295,28 @@ impl Writer {
             }
             Op::Close => {}
         }
+    }
+
+    fn replay(&mut self, db: &DB, items: Vec<(Vec<u8>, Delivery)>, g: &mut Group) -> Result<Vec<bool>, StoreError> {
+        let dead = cf(db, CF_DEAD);
+        let found = db
+            .multi_get_cf(items.iter().map(|(k, _)| (dead, k.as_slice())))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut moved = Vec::with_capacity(items.len());
+        for ((key, d), prior) in items.into_iter().zip(found) {
+            if prior.is_none() || !g.replayed.insert(key.clone()) {
+                moved.push(false);
+                continue;
+            }
+            g.batch.delete_cf(dead, &key);
+            g.batch.put_cf(cf(db, CF_READY), ready_key(&d.endpoint_id, self.seq()), d.encode());
+            g.ready_delta += 1;
+            g.wake_endpoints.insert(d.endpoint_id);
+            moved.push(true);
+        }
+        g.sync |= self.sync_writes;
+        Ok(moved)
     }
 
     fn intake(&mut self, db: &DB, events: Arc<Vec<NewEvent>>, g: &mut Group) -> Result<Vec<Intake>, StoreError> {
@@ -321,6 +358,7 @@ fn refuse(op: Op) -> bool {
     let err = || StoreError::Reopening;
     match op {
         Op::Intake { reply, .. } => drop(reply.send(Err(err()))),
+        Op::Replay { reply, .. } => drop(reply.send(Err(err()))),
         Op::Finish { reply, .. } | Op::Promote { reply, .. } | Op::EndpointState { reply, .. } => {
             drop(reply.send(Err(err())))
         }

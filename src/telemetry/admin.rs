@@ -1,7 +1,9 @@
-//! The admin listener: `/metrics`, `/healthz` (liveness) and `/readyz`.
+//! The admin listener: `/metrics`, `/healthz` (liveness), `/readyz`, and the
+//! management API ([`crate::manage`], behind its API key).
 //!
-//! It binds loopback unless `admin.listen` says otherwise, and serves nothing
-//! secret: metric labels are endpoint ids and reasons, never URLs or keys.
+//! It binds loopback unless `admin.listen` says otherwise. Without the key it
+//! serves nothing secret: metric labels are endpoint ids and reasons, never
+//! URLs or keys.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,12 +19,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
+use crate::telemetry::metrics as m;
 
 /// What readiness is made of. The source sets `kafka`, the dead-letter
 /// producer `dead_letters`; the store reports its own health.
 #[derive(Debug)]
 pub struct Health {
     pub kafka: AtomicBool,
+    /// The consumer group has given us our partitions (possibly none) at least once.
+    pub assigned: AtomicBool,
     /// False while dead letters cannot be produced (their messages then hold
     /// their partitions' commits, or wait in the retry schedule).
     pub dead_letters: AtomicBool,
@@ -34,6 +39,7 @@ impl Default for Health {
     fn default() -> Self {
         Health {
             kafka: AtomicBool::new(false),
+            assigned: AtomicBool::new(false),
             dead_letters: AtomicBool::new(true),
             started: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -42,10 +48,12 @@ impl Default for Health {
 }
 
 impl Health {
-    fn checks(&self, store: &Store) -> Vec<(&'static str, bool)> {
+    /// Each readiness check and whether it passes.
+    pub fn checks(&self, store: &Store) -> Vec<(&'static str, bool)> {
         vec![
             ("kafka", self.kafka.load(Ordering::Acquire)),
             ("store", store.is_healthy()),
+            ("partitions_assigned", self.assigned.load(Ordering::Acquire)),
             ("dead_letter_topic", self.dead_letters.load(Ordering::Acquire)),
             ("started", self.started.load(Ordering::Acquire)),
             ("not_stopping", !self.stopping.load(Ordering::Acquire)),
@@ -61,11 +69,13 @@ struct AdminState {
 }
 
 /// Binds the admin listener; returns its bound address and the serving future.
+/// `api` is served alongside (the management API).
 pub async fn bind(
     addr: SocketAddr,
     prom: PrometheusHandle,
     health: Arc<Health>,
     store: Store,
+    api: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await?;
@@ -80,7 +90,8 @@ pub async fn bind(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { prom, health, store });
+        .with_state(AdminState { prom, health, store })
+        .merge(api);
     let serve = async move {
         axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
     };
@@ -88,6 +99,12 @@ pub async fn bind(
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
+    // Gauges read at scrape time rather than kept up to date.
+    let ready = s.health.checks(&s.store).iter().all(|(_, ok)| *ok);
+    ::metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
+    if let Some(size) = s.store.size_bytes() {
+        ::metrics::gauge!(m::STORE_SIZE).set(size as f64);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.prom.render()).into_response()
 }
 

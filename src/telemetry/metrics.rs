@@ -2,14 +2,21 @@
 //! and given its labels here, and nowhere else.
 //!
 //! Naming rule: `webhookd_<thing>_<unit>[_total]`; counters end in `_total`,
-//! durations are in seconds. Labels stay low-cardinality: `reason` and
-//! `outcome` are fixed sets; `endpoint` is the configured endpoint id.
+//! durations are in seconds. Labels stay bounded: `reason`, `outcome`,
+//! `result` and `state` are fixed sets; `topic` and `partition` are the
+//! partitions this instance owns; `endpoint` is the configured endpoint id for
+//! the first `admin.endpoint_label_limit` endpoints and [`OTHER_ENDPOINTS`]
+//! for the rest, so 100,000 endpoints make at most limit + 1 series each.
 
 use std::sync::OnceLock;
 
 use metrics::{Counter, Gauge, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// Always 1; label `version`.
+pub const BUILD_INFO: &str = "webhookd_build_info";
+/// 1 while `/readyz` would answer 200, else 0.
+pub const READY: &str = "webhookd_ready";
 /// Kafka messages read from the source topics.
 pub const EVENTS_CONSUMED: &str = "webhookd_events_consumed_total";
 /// Valid events dropped because their id was seen within the dedup window.
@@ -20,10 +27,14 @@ pub const EVENTS_INVALID: &str = "webhookd_events_invalid_total";
 pub const DELIVERIES: &str = "webhookd_deliveries_total";
 /// Duration of each attempt, connect to last body byte; label `endpoint`.
 pub const ATTEMPT_DURATION: &str = "webhookd_attempt_duration_seconds";
+/// Event timestamp to the 2xx that delivered it (includes retries); label `endpoint`.
+pub const DELIVERY_LATENCY: &str = "webhookd_delivery_latency_seconds";
 /// Retries written to the schedule; label `endpoint`.
 pub const RETRIES_SCHEDULED: &str = "webhookd_retries_scheduled_total";
 /// Dead letters produced; label `reason`.
 pub const DEAD_LETTERS: &str = "webhookd_dead_letters_total";
+/// Dead letters moved back to the outbox by an operator's replay.
+pub const DEAD_LETTERS_REPLAYED: &str = "webhookd_dead_letters_replayed_total";
 /// Deliveries due now, across endpoints.
 pub const OUTBOX_READY: &str = "webhookd_outbox_ready_deliveries";
 /// Deliveries waiting in the retry schedule.
@@ -34,6 +45,15 @@ pub const RATE_LIMITED: &str = "webhookd_rate_limited_total";
 pub const IN_FLIGHT: &str = "webhookd_in_flight_requests";
 /// 1 when an endpoint is enabled, 0 when disabled; label `endpoint`.
 pub const ENDPOINT_ENABLED: &str = "webhookd_endpoint_enabled";
+/// Configured endpoints by `state` (enabled, disabled).
+pub const ENDPOINTS: &str = "webhookd_endpoints";
+/// Messages behind the partition's end not yet settled and committed
+/// (librdkafka's `consumer_lag`, refreshed every few seconds); labels `topic`, `partition`.
+pub const CONSUMER_LAG: &str = "webhookd_consumer_lag_messages";
+/// Source partitions assigned to this instance.
+pub const PARTITIONS_ASSIGNED: &str = "webhookd_partitions_assigned";
+/// RocksDB's SST files across column families (the write-ahead log excluded).
+pub const STORE_SIZE: &str = "webhookd_store_size_bytes";
 /// Offset commits; label `result` (ok, error).
 pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
 /// Failed RocksDB writes.
@@ -41,21 +61,43 @@ pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";
 /// Stored records that could not be decoded and were quarantined.
 pub const STORE_CORRUPT_RECORDS: &str = "webhookd_store_corrupt_records_total";
 
+/// How often histogram samples are folded into buckets without a scrape.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The `endpoint` label shared by endpoints beyond `admin.endpoint_label_limit`.
+pub const OTHER_ENDPOINTS: &str = "_other";
+
 const ATTEMPT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// From milliseconds (a healthy pipeline) to a day (the default retry span).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
+];
 
 fn describe() {
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which webhookd this is.");
+    describe_gauge!(READY, "1 while the instance is ready (the /readyz checks pass), else 0.");
     describe_counter!(EVENTS_CONSUMED, Unit::Count, "Kafka messages read from the source topics.");
     describe_counter!(EVENTS_DUPLICATE, Unit::Count, "Events dropped as duplicates within the dedup window.");
     describe_counter!(EVENTS_INVALID, Unit::Count, "Messages that could not be decoded, by reason.");
     describe_counter!(DELIVERIES, Unit::Count, "Delivery attempts by endpoint and outcome.");
     describe_histogram!(ATTEMPT_DURATION, Unit::Seconds, "Delivery attempt duration, connect to last body byte.");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "Event timestamp to the 2xx that delivered it, retries included."
+    );
     describe_counter!(RETRIES_SCHEDULED, Unit::Count, "Retries written to the retry schedule.");
     describe_counter!(DEAD_LETTERS, Unit::Count, "Dead letters produced, by reason.");
+    describe_counter!(DEAD_LETTERS_REPLAYED, Unit::Count, "Dead letters moved back to the outbox by a replay.");
     describe_gauge!(OUTBOX_READY, Unit::Count, "Deliveries due now.");
     describe_gauge!(OUTBOX_WAITING, Unit::Count, "Deliveries waiting in the retry schedule.");
     describe_counter!(RATE_LIMITED, Unit::Count, "Attempts delayed by the endpoint's rate limit.");
     describe_gauge!(IN_FLIGHT, Unit::Count, "Delivery attempts under way.");
     describe_gauge!(ENDPOINT_ENABLED, Unit::Count, "1 if the endpoint is enabled, 0 if disabled.");
+    describe_gauge!(ENDPOINTS, Unit::Count, "Configured endpoints by state (enabled, disabled).");
+    describe_gauge!(CONSUMER_LAG, Unit::Count, "Messages past the committed offset of each owned partition.");
+    describe_gauge!(PARTITIONS_ASSIGNED, Unit::Count, "Source partitions assigned to this instance.");
+    describe_gauge!(STORE_SIZE, Unit::Bytes, "Size of RocksDB's SST files, all column families.");
     describe_counter!(OFFSET_COMMITS, Unit::Count, "Kafka offset commits by result.");
     describe_counter!(STORE_WRITE_ERRORS, Unit::Count, "RocksDB write batches that failed.");
     describe_counter!(
@@ -73,25 +115,72 @@ pub fn install() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(ATTEMPT_DURATION.to_owned()), ATTEMPT_BUCKETS)
                 .expect("buckets are non-empty")
+                .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.to_owned()), LATENCY_BUCKETS)
+                .expect("buckets are non-empty")
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (a host application);
             // then metrics go there and this handle renders ours, empty.
             let _ = metrics::set_global_recorder(recorder);
+            // Histogram samples are kept raw until folded into their buckets,
+            // which a scrape does; nobody may be scraping (Prometheus down, a
+            // laptop), and at thousands of attempts a second the samples
+            // would pile up. Fold them every few seconds regardless.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new().name("webhookd-metrics".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the metrics upkeep thread; histograms grow until scraped");
+            }
             describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            start_at_zero();
             handle
         })
         .clone()
 }
 
+/// Registers the series whose label values are known up front, so they are
+/// exported (at 0) before anything happens: `rate()` and alerts see a
+/// counter from its start instead of from its first increment.
+fn start_at_zero() {
+    for name in [EVENTS_CONSUMED, EVENTS_DUPLICATE, DEAD_LETTERS_REPLAYED, STORE_WRITE_ERRORS, STORE_CORRUPT_RECORDS] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in crate::event::InvalidEvent::REASONS {
+        metrics::counter!(EVENTS_INVALID, "reason" => reason).increment(0);
+        metrics::counter!(DEAD_LETTERS, "reason" => reason).increment(0);
+    }
+    for failure in crate::dead_letter::DeliveryFailure::ALL {
+        metrics::counter!(DEAD_LETTERS, "reason" => failure.as_str()).increment(0);
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(OFFSET_COMMITS, "result" => result).increment(0);
+    }
+    for state in [true, false] {
+        endpoints_in_state(state).increment(0.0);
+    }
+    for gauge in [READY, OUTBOX_READY, OUTBOX_WAITING, PARTITIONS_ASSIGNED, STORE_SIZE] {
+        metrics::gauge!(gauge).increment(0.0);
+    }
+}
+
 /// The `outcome` label values of [`DELIVERIES`].
 const OUTCOMES: [&str; 4] = ["delivered", "retry", "dead_letter", "gone"];
 
-/// One endpoint's series, resolved once per endpoint worker, so an attempt
-/// does no registry lookups and allocates no labels.
+/// One endpoint's series, resolved once when the endpoint is built, so an
+/// attempt does no registry lookups and allocates no labels. Endpoints past
+/// the label limit share the [`OTHER_ENDPOINTS`] series (gauges such as
+/// in-flight add up; `endpoint_enabled` is not exported for them).
+#[derive(Debug)]
 pub struct EndpointMetrics {
     pub in_flight: Gauge,
     pub attempt_duration: Histogram,
+    pub delivery_latency: Histogram,
     pub rate_limited: Counter,
     pub retries_scheduled: Counter,
     pub enabled: Gauge,
@@ -99,15 +188,30 @@ pub struct EndpointMetrics {
 }
 
 impl EndpointMetrics {
-    pub fn new(endpoint: &str) -> Self {
-        let label = || ("endpoint", endpoint.to_owned());
+    /// `label`: the endpoint id, or [`OTHER_ENDPOINTS`].
+    pub fn new(label: &str) -> Self {
+        let l = || ("endpoint", label.to_owned());
         EndpointMetrics {
-            in_flight: metrics::gauge!(IN_FLIGHT, &[label()]),
-            attempt_duration: metrics::histogram!(ATTEMPT_DURATION, &[label()]),
-            rate_limited: metrics::counter!(RATE_LIMITED, &[label()]),
-            retries_scheduled: metrics::counter!(RETRIES_SCHEDULED, &[label()]),
-            enabled: metrics::gauge!(ENDPOINT_ENABLED, &[label()]),
-            deliveries: OUTCOMES.map(|o| metrics::counter!(DELIVERIES, &[label(), ("outcome", o.to_owned())])),
+            in_flight: metrics::gauge!(IN_FLIGHT, &[l()]),
+            attempt_duration: metrics::histogram!(ATTEMPT_DURATION, &[l()]),
+            delivery_latency: metrics::histogram!(DELIVERY_LATENCY, &[l()]),
+            rate_limited: metrics::counter!(RATE_LIMITED, &[l()]),
+            retries_scheduled: metrics::counter!(RETRIES_SCHEDULED, &[l()]),
+            enabled: if label == OTHER_ENDPOINTS { Gauge::noop() } else { metrics::gauge!(ENDPOINT_ENABLED, &[l()]) },
+            deliveries: OUTCOMES.map(|o| metrics::counter!(DELIVERIES, &[l(), ("outcome", o.to_owned())])),
+        }
+    }
+
+    /// Series for a stand-in endpoint (one removed from the config): none.
+    pub fn noop() -> Self {
+        EndpointMetrics {
+            in_flight: Gauge::noop(),
+            attempt_duration: Histogram::noop(),
+            delivery_latency: Histogram::noop(),
+            rate_limited: Counter::noop(),
+            retries_scheduled: Counter::noop(),
+            enabled: Gauge::noop(),
+            deliveries: [Counter::noop(), Counter::noop(), Counter::noop(), Counter::noop()],
         }
     }
 
@@ -116,4 +220,9 @@ impl EndpointMetrics {
         let i = OUTCOMES.iter().position(|o| *o == outcome).expect("outcome labels are the catalogue's");
         &self.deliveries[i]
     }
+}
+
+/// The [`ENDPOINTS`] gauge of a state.
+pub fn endpoints_in_state(enabled: bool) -> Gauge {
+    metrics::gauge!(ENDPOINTS, "state" => if enabled { "enabled" } else { "disabled" })
 }

@@ -242,6 +242,7 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     let ready: serde_json::Value = serde_json::from_str(&ready).expect("readyz is JSON");
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["checks"]["kafka"], true);
+    assert_eq!(ready["checks"]["partitions_assigned"], true);
 
     kafka.produce(&topic, None, &event("evt_m", "ContactCreate")).await;
     rx.wait_for(1).await;

@@ -6,4 +6,5 @@ mod delivery;
 mod helpers;
 mod intake;
 mod lifecycle;
+mod operate;
 mod security;
