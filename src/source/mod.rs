@@ -179,6 +179,22 @@ fn record_commit(result: &KafkaResult<()>) {
 
 pub type KafkaConsumer = StreamConsumer<ConsumerCtx>;
 
+/// Commits the settled offsets that moved, synchronously, and records the result.
+fn commit_now(consumer: &KafkaConsumer, offsets: &Mutex<Offsets>) {
+    let items = lock(offsets).to_commit();
+    if items.is_empty() {
+        return;
+    }
+    let result = consumer.commit(&tp_list(&items), CommitMode::Sync);
+    record_commit(&result);
+    if result.is_ok() {
+        let mut o = lock(offsets);
+        for (tp, off) in &items {
+            o.committed(tp, *off);
+        }
+    }
+}
+
 pub struct Source {
     consumer: Arc<KafkaConsumer>,
     offsets: Arc<Mutex<Offsets>>,
@@ -187,6 +203,8 @@ pub struct Source {
     dead_letters: DeadLetters,
     cfg: SourceConfig,
     health: Arc<Health>,
+    /// A periodic commit is under way.
+    committing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Source {
@@ -213,7 +231,16 @@ impl Source {
             .create_with_context(ConsumerCtx { offsets: offsets.clone(), health: health.clone() })?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        Ok(Source { consumer: Arc::new(consumer), offsets, store, registry, dead_letters, cfg: cfg.clone(), health })
+        Ok(Source {
+            consumer: Arc::new(consumer),
+            offsets,
+            committing: Arc::default(),
+            store,
+            registry,
+            dead_letters,
+            cfg: cfg.clone(),
+            health,
+        })
     }
 
     /// Consumes until `shutdown`, then drains and commits what is settled.
@@ -236,7 +263,7 @@ impl Source {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = commit_tick.tick() => self.commit(CommitMode::Async),
+                _ = commit_tick.tick() => self.commit_in_background(),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     deadline = None;
                     self.flush(&mut batch, &slots, &tasks, &shutdown).await;
@@ -260,29 +287,31 @@ impl Source {
         if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait()).await.is_err() {
             tracing::warn!("some messages were not settled at shutdown; they will be consumed again");
         }
-        self.commit(CommitMode::Sync);
+        self.commit();
         let _ = probe.await;
         tracing::info!(unsettled = lock(&self.offsets).unsettled(), "source stopped");
         self.consumer
     }
 
-    fn commit(&self, mode: CommitMode) {
-        let items = lock(&self.offsets).to_commit();
-        if items.is_empty() {
+    /// Commits what is settled and waits for the broker's answer.
+    fn commit(&self) {
+        commit_now(&self.consumer, &self.offsets);
+    }
+
+    /// The periodic commit: synchronous (so its result is known and counted)
+    /// on the blocking pool, so the consumer loop never waits for the
+    /// coordinator; a tick while the last commit is still out is skipped.
+    /// (Asynchronous commits' results never reached the commit callback with
+    /// the stream consumer, so they went uncounted.)
+    fn commit_in_background(&self) {
+        if self.committing.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
-        let result = self.consumer.commit(&tp_list(&items), mode);
-        if matches!(mode, CommitMode::Sync) {
-            record_commit(&result);
-            if result.is_ok() {
-                let mut o = lock(&self.offsets);
-                for (tp, off) in &items {
-                    o.committed(tp, *off);
-                }
-            }
-        } else if let Err(e) = result {
-            record_commit(&Err(e));
-        }
+        let (consumer, offsets, committing) = (self.consumer.clone(), self.offsets.clone(), self.committing.clone());
+        tokio::task::spawn_blocking(move || {
+            commit_now(&consumer, &offsets);
+            committing.store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     /// Decodes one message into the batch, or dead-letters it.

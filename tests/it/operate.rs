@@ -102,6 +102,7 @@ async fn metrics_pass_promtool_stay_bounded_and_a_real_prometheus_scrapes_them()
         let text = d.get("/metrics").await.1;
         metric_value(&text, "webhookd_dead_letters_total{reason=\"rejected\"}") == 20.0
             && text.matches("webhookd_consumer_lag_messages{").count() == 2
+            && metric_value(&text, "webhookd_offset_commits_total{result=\"ok\"}") > 0.0
     })
     .await;
     let (_, text) = d.get("/metrics").await;
