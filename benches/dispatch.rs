@@ -1,13 +1,32 @@
-//! Micro-benchmarks of the per-event hot path: decode, route, sign.
-//! `cargo bench --bench dispatch` prints the figures.
+//! Benchmarks of the dispatch path: decode, route, sign (per event); the
+//! store's group-committed intake batch; and the whole in-process pipeline
+//! (store → endpoint workers → rate limit → sign → HTTP to a loopback
+//! receiver). `cargo bench --bench dispatch` prints the figures; the end-to-end
+//! benchmark with Kafka is `./scripts/load-bench` (benches/load.rs).
 
 use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rdkafka::mocking::MockCluster;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use webhookd::config::{Config, EnvelopeConfig};
+use webhookd::dead_letter::DeadLetters;
 use webhookd::deliver::sign::{SigningSecret, signature_header};
+use webhookd::deliver::{Deliverer, client};
+use webhookd::event::Event;
 use webhookd::event::{RawMessage, SourcePos, decode};
 use webhookd::route::Registry;
+use webhookd::store::{Delivery, NewEvent, Store, StoreOptions};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -60,5 +79,145 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(dispatch, benches);
+/// Events of one intake batch (the source's default `batch_max`).
+const BATCH: usize = 512;
+
+fn new_events(next: &AtomicU64, n: usize, endpoints: usize, body: &Bytes) -> Vec<NewEvent> {
+    (0..n)
+        .map(|_| {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let ev = Event {
+                id: format!("evt_{i}"),
+                event_type: "ContactCreate".into(),
+                location_id: None,
+                time_ms: 0,
+                payload: body.clone(),
+                source: SourcePos { topic: "t".into(), partition: 0, offset: i as i64 },
+            };
+            let endpoint = format!("e{}", i as usize % endpoints);
+            NewEvent { event_id: ev.id.clone(), deliveries: vec![Delivery::new(&ev, &endpoint)] }
+        })
+        .collect()
+}
+
+fn store_batch(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let body = Bytes::from(envelope_1k());
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for sync_writes in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes };
+        let store = Store::open(dir.path(), opts).expect("store");
+        let next = AtomicU64::new(0);
+        let name = format!("intake_batch_of_{BATCH}_sync_{sync_writes}");
+        g.bench_function(&name, |b| {
+            b.iter_batched(
+                || Arc::new(new_events(&next, BATCH, 100, &body)),
+                |events| rt.block_on(store.intake(events)).expect("intake"),
+                BatchSize::SmallInput,
+            )
+        });
+        rt.block_on(store.close());
+    }
+    g.finish();
+}
+
+/// Answers 200 to everything; wakes the bench when `target` requests arrived.
+#[derive(Default)]
+struct Sink {
+    count: AtomicU64,
+    target: AtomicU64,
+    reached: Notify,
+}
+
+async fn sink() -> (Arc<Sink>, std::net::SocketAddr) {
+    let state = Arc::new(Sink::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let s = state.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let s = s.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        let n = s.count.fetch_add(1, Ordering::AcqRel) + 1;
+                        if n >= s.target.load(Ordering::Acquire) {
+                            s.reached.notify_one();
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (state, addr)
+}
+
+fn pipeline(c: &mut Criterion) {
+    const ENDPOINTS: usize = 10;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let _guard = rt.enter();
+    let (sink, addr) = rt.block_on(sink());
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let mut toml = String::from("[delivery]\nallow_networks = [\"127.0.0.0/8\"]\n");
+    for i in 0..ENDPOINTS {
+        toml.push_str(&format!(
+            "[[endpoints]]\nid = \"e{i}\"\nurl = \"http://{addr}/e{i}\"\nsecrets = [\"{SECRET}\"]\nrate_limit = {{ per_second = 1000000 }}\n"
+        ));
+    }
+    let cfg = Config::from_toml_str(&toml, Vec::new()).expect("valid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes: true })
+        .expect("store");
+    let kafka = rdkafka::ClientConfig::new().set("bootstrap.servers", mock.bootstrap_servers()).clone();
+    let health = Arc::new(webhookd::telemetry::admin::Health::default());
+    let deliverer = Arc::new(Deliverer {
+        store: store.clone(),
+        client: client::build(&cfg.delivery).expect("client"),
+        dead_letters: DeadLetters::new(&kafka, "dlq", health).expect("producer"),
+        policy: cfg.retry.clone(),
+        max_response_bytes: cfg.delivery.max_response_bytes,
+        attempts: TaskTracker::new(),
+        abort: CancellationToken::new(),
+    });
+    let shutdown = CancellationToken::new();
+    for ep in Registry::from_configs(&cfg.endpoints, 1000).snapshot().all() {
+        rt.spawn(deliverer.clone().run_endpoint(ep.clone(), shutdown.clone()));
+    }
+    let body = Bytes::from(envelope_1k());
+    let next = AtomicU64::new(0);
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function(format!("intake_to_2xx_{BATCH}_events_{ENDPOINTS}_endpoints"), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let events = Arc::new(new_events(&next, BATCH, ENDPOINTS, &body));
+                let target = sink.count.load(Ordering::Acquire) + BATCH as u64;
+                sink.target.store(target, Ordering::Release);
+                let start = Instant::now();
+                rt.block_on(async {
+                    store.intake(events).await.expect("intake");
+                    while sink.count.load(Ordering::Acquire) < target {
+                        tokio::time::timeout(Duration::from_secs(30), sink.reached.notified())
+                            .await
+                            .expect("the batch was delivered within 30 s");
+                    }
+                });
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+    shutdown.cancel();
+    rt.block_on(store.close());
+}
+
+criterion_group!(dispatch, benches, store_batch, pipeline);
 criterion_main!(dispatch);

@@ -45,6 +45,12 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// How often librdkafka reports statistics (the consumer lag gauges), unless
 /// `source.kafka` sets `statistics.interval.ms`.
 const STATS_INTERVAL_MS: &str = "5000";
+/// librdkafka's default is 500 ms: a broker that does not answer a fetch as
+/// soon as data arrives (tansu, the mock cluster) then adds up to that to every
+/// event's latency (measured: p50 191 ms at 9,300 events/s on tansu). Kafka
+/// answers early anyway; idle, this costs a few more fetch requests. Vector's
+/// Kafka source uses the same 100 ms. `source.kafka` can set it.
+const FETCH_WAIT_MAX_MS: &str = "100";
 
 /// librdkafka settings shared by the consumer and the dead-letter producer.
 pub fn kafka_config(cfg: &SourceConfig, bootstrap: &str) -> ClientConfig {
@@ -220,6 +226,9 @@ impl Source {
         let mut client = kafka_config(cfg, bootstrap);
         if !cfg.kafka.0.contains_key("statistics.interval.ms") {
             client.set("statistics.interval.ms", STATS_INTERVAL_MS);
+        }
+        if !cfg.kafka.0.contains_key("fetch.wait.max.ms") {
+            client.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
         }
         let consumer: KafkaConsumer = client
             .set("group.id", &cfg.group_id)

