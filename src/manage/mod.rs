@@ -69,9 +69,7 @@ async fn authorize(State(api): State<Api>, req: Request, next: Next) -> Response
         return error(StatusCode::FORBIDDEN, "the management API is off: set admin.api_key to turn it on");
     };
     let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let ok = given
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|k| <[u8; 32]>::from(Sha256::digest(k.trim().as_bytes())) == want);
+    let ok = given.and_then(bearer_token).is_some_and(|k| <[u8; 32]>::from(Sha256::digest(k.as_bytes())) == want);
     if ok {
         return next.run(req).await;
     }
@@ -81,6 +79,13 @@ async fn authorize(State(api): State<Api>, req: Request, next: Next) -> Response
     );
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme is
+/// case-insensitive, RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 fn parse_time(name: &str, v: &str) -> Result<i64, String> {
@@ -252,4 +257,19 @@ async fn enable_endpoint(State(api): State<Api>, Path(id): Path<String>) -> Resp
         tracing::warn!(endpoint = %id, "endpoint re-enabled through the management API");
     }
     axum::Json(json!({ "id": id, "enabled": true, "changed": changed })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_required() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
 }
