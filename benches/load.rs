@@ -4,7 +4,7 @@
 //! hyper client at the same concurrency.
 //!
 //!   ./scripts/load-bench [--events N] [--endpoints E] [--broker tansu|mock|both] [--in-flight K]
-//!                        [--kafka key=value]...
+//!                        [--kafka key=value]... [--park N]
 //!
 //! The broker is a tansu process by default. librdkafka's in-process mock
 //! cluster (`--broker mock`) works, but has been seen to stall under sustained
@@ -16,7 +16,10 @@
 //!    webhookd runs; delivered events/s from the first delivery to the N-th.
 //! 2. **half rate**: events produced at half that rate for a few seconds;
 //!    produce→receive latency p50/p99/max (the event carries its send time).
-//! 3. **ceiling**: webhookd stopped, the client sends N requests of the
+//! 3. **park** (only with `--park N`): the receiver answers 503 while N more
+//!    events arrive, until all wait in the retry schedule (RSS read then);
+//!    then 200, and the time to drain them.
+//! 4. **ceiling**: webhookd stopped, the client sends N requests of the
 //!    same body at concurrency min(E × K, 1024), three times; the median counts.
 //!
 //! webhookd's peak RSS (VmHWM) and CPU time (utime + stime) come from /proc.
@@ -60,6 +63,8 @@ struct Args {
     bin: PathBuf,
     /// Extra librdkafka properties for webhookd (`--kafka key=value`).
     kafka: Vec<(String, String)>,
+    /// Events to park (receiver answering 503), then drain (`--park N`); 0: skip.
+    park: usize,
 }
 
 fn args() -> Args {
@@ -69,6 +74,7 @@ fn args() -> Args {
         in_flight: 16,
         brokers: vec!["tansu".into()],
         kafka: Vec::new(),
+        park: 0,
         bin: std::env::var("WEBHOOKD_TEST_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/webhookd")),
@@ -78,6 +84,7 @@ fn args() -> Args {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--events" => a.events = value().parse().expect("--events: a number"),
+            "--park" => a.park = value().parse().expect("--park: a number"),
             "--endpoints" => a.endpoints = value().parse().expect("--endpoints: a number"),
             "--in-flight" => a.in_flight = value().parse().expect("--in-flight: a number"),
             "--broker" => {
@@ -119,6 +126,8 @@ struct Receiver {
     target: AtomicU64,
     reached: Notify,
     last: Mutex<Option<Instant>>,
+    /// The status to answer with (0: 200).
+    status: std::sync::atomic::AtomicU16,
 }
 
 fn sent_us(body: &[u8]) -> Option<u64> {
@@ -144,7 +153,12 @@ impl Receiver {
                         async move {
                             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             state.hit(&body);
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::new())))
+                            let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                            let status = state.status.load(Ordering::Relaxed);
+                            if status != 0 {
+                                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
@@ -283,6 +297,7 @@ async fn create_topics(broker: &Broker, bootstrap: &str, topic: &str) {
 struct Webhookd {
     child: Child,
     peak_rss_kib: Arc<AtomicU64>,
+    admin: SocketAddr,
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
@@ -345,7 +360,7 @@ impl Webhookd {
             }
         });
         eprintln!("  webhookd pid {pid}, admin http://{admin}");
-        let w = Webhookd { child, peak_rss_kib };
+        let w = Webhookd { child, peak_rss_kib, admin };
         let deadline = Instant::now() + Duration::from_secs(60);
         while readyz(admin).await != Some(200) {
             assert!(Instant::now() < deadline, "webhookd did not become ready");
@@ -364,6 +379,60 @@ impl Webhookd {
         let _ = self.child.wait();
         rss as f64 / 1024.0
     }
+}
+
+/// One unlabelled series of webhookd's `/metrics`.
+async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Figures of the park-and-drain phase.
+struct Parked {
+    events: usize,
+    park_s: f64,
+    rss_mib: f64,
+    drain_s: f64,
+}
+
+/// The receiver answers 503 while `a.park` events arrive, until every one of
+/// them waits in the retry schedule; then it answers 200 and they drain (at
+/// the pace of their retry schedule: webhookd's default backoff).
+async fn park_and_drain(
+    a: &Args,
+    p: &FutureProducer,
+    topic: &str,
+    run: &str,
+    first: usize,
+    rx: &Receiver,
+    w: &Webhookd,
+) -> Parked {
+    rx.status.store(503, Ordering::Release);
+    rx.reset(false);
+    let start = Instant::now();
+    produce(p, topic, run, first..first + a.park, a.endpoints, None).await;
+    let deadline = Instant::now() + PHASE_LIMIT;
+    while metric(w.admin, "webhookd_outbox_waiting_deliveries").await.unwrap_or(0.0) < a.park as f64 {
+        assert!(Instant::now() < deadline, "the parked deliveries did not all reach the retry schedule in time");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let park_s = start.elapsed().as_secs_f64();
+    let rss_mib = proc_status_kib(w.pid(), "VmRSS:") as f64 / 1024.0;
+    rx.reset(false);
+    rx.status.store(0, Ordering::Release);
+    let start = Instant::now();
+    assert!(
+        rx.wait_for(a.park as u64).await,
+        "only {} of {} parked deliveries drained",
+        rx.count.load(Ordering::Acquire),
+        a.park
+    );
+    Parked { events: a.park, park_s, rss_mib, drain_s: start.elapsed().as_secs_f64() }
 }
 
 async fn readyz(addr: SocketAddr) -> Option<u16> {
@@ -475,6 +544,7 @@ async fn ceiling(receiver: SocketAddr, rx: &Receiver, n: usize, concurrency: usi
 }
 
 struct Outcome {
+    parked: Option<Parked>,
     events_per_s: f64,
     ceiling_per_s: f64,
     p50_ms: f64,
@@ -512,6 +582,20 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     assert!(all, "paced phase: only {} of {paced} delivered", rx.count.load(Ordering::Acquire));
     let mut lat = rx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
     lat.sort_unstable();
+    let parked = if a.park > 0 {
+        let pk = park_and_drain(a, &p, &topic, &run, a.events + paced, &rx, &w).await;
+        println!(
+            "parked {} events (receiver 503) in {:.1} s: RSS then {:.0} MiB; receiver back: drained in {:.1} s ({:.0}/s; paced by the retry schedule)",
+            pk.events,
+            pk.park_s,
+            pk.rss_mib,
+            pk.drain_s,
+            pk.events as f64 / pk.drain_s
+        );
+        Some(pk)
+    } else {
+        None
+    };
     let rss_mib = w.stop();
 
     // 3. Ceiling: the median of three runs (a single one swings by ±30 % here).
@@ -543,6 +627,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
         max_ms: percentile(&lat, 1.0),
         rss_mib,
         cpu_s,
+        parked,
     }
 }
 
@@ -564,8 +649,14 @@ fn main() {
     );
     for broker in &a.brokers {
         let o = rt.block_on(run_once(&a, broker));
+        let park = o.parked.as_ref().map_or(String::new(), |pk| {
+            format!(
+                " parked={} park_s={:.1} parked_rss_mib={:.0} drain_s={:.1}",
+                pk.events, pk.park_s, pk.rss_mib, pk.drain_s
+            )
+        });
         println!(
-            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} rss_mib={:.0} cpu_s={:.1}",
+            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} rss_mib={:.0} cpu_s={:.1}{park}",
             a.endpoints,
             a.events,
             o.events_per_s,
