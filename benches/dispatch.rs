@@ -11,12 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use rdkafka::mocking::MockCluster;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use webhookd::config::{Config, EnvelopeConfig};
@@ -123,46 +118,11 @@ fn store_batch(c: &mut Criterion) {
     g.finish();
 }
 
-/// Answers 200 to everything; wakes the bench when `target` requests arrived.
-#[derive(Default)]
-struct Sink {
-    count: AtomicU64,
-    target: AtomicU64,
-    reached: Notify,
-}
-
-async fn sink() -> (Arc<Sink>, std::net::SocketAddr) {
-    let state = Arc::new(Sink::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let s = state.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let s = s.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let s = s.clone();
-                    async move {
-                        let _ = req.into_body().collect().await;
-                        let n = s.count.fetch_add(1, Ordering::AcqRel) + 1;
-                        if n >= s.target.load(Ordering::Acquire) {
-                            s.reached.notify_one();
-                        }
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    (state, addr)
-}
-
 fn pipeline(c: &mut Criterion) {
     const ENDPOINTS: usize = 10;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let _guard = rt.enter();
-    let (sink, addr) = rt.block_on(sink());
+    let (sink, addr) = rt.block_on(Receiver::start());
     let mock = MockCluster::new(1).expect("mock cluster");
     let mut toml = String::from("[delivery]\nallow_networks = [\"127.0.0.0/8\"]\n");
     for i in 0..ENDPOINTS {
@@ -198,16 +158,11 @@ fn pipeline(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let events = Arc::new(new_events(&next, BATCH, ENDPOINTS, &body));
-                let target = sink.count.load(Ordering::Acquire) + BATCH as u64;
-                sink.target.store(target, Ordering::Release);
+                sink.reset(false);
                 let start = Instant::now();
                 rt.block_on(async {
                     store.intake(events).await.expect("intake");
-                    while sink.count.load(Ordering::Acquire) < target {
-                        tokio::time::timeout(Duration::from_secs(30), sink.reached.notified())
-                            .await
-                            .expect("the batch was delivered within 30 s");
-                    }
+                    assert!(sink.wait_for(BATCH as u64).await, "the batch was delivered in time");
                 });
                 total += start.elapsed();
             }
@@ -218,6 +173,11 @@ fn pipeline(c: &mut Criterion) {
     shutdown.cancel();
     rt.block_on(store.close());
 }
+
+#[allow(dead_code)] // shared with benches/load.rs, which uses more of it
+mod support;
+
+use support::Receiver;
 
 criterion_group!(dispatch, benches, store_batch, pipeline);
 criterion_main!(dispatch);

@@ -31,26 +31,27 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
-use tokio::sync::Notify;
+
+mod support;
+
+use support::{Receiver, unix_us};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// No phase may take longer than this.
-const PHASE_LIMIT: Duration = Duration::from_secs(300);
+const PHASE_LIMIT: Duration = support::WAIT_LIMIT;
 const PARTITIONS: i32 = 4;
 const PACED_FOR: Duration = Duration::from_secs(5);
 const CEILING_RUNS: usize = 3;
@@ -106,115 +107,6 @@ fn args() -> Args {
     }
     assert!(a.events >= 1000 && a.endpoints >= 1 && a.in_flight >= 1, "need ≥1000 events, ≥1 endpoint");
     a
-}
-
-fn unix_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
-
-// ---------------------------------------------------------------- receiver
-
-/// Answers 200 at once; counts requests and, while `recording`, keeps each
-/// produce→receive latency (from the body's `"sent":<unix µs>`).
-#[derive(Default)]
-struct Receiver {
-    count: AtomicU64,
-    recording: AtomicBool,
-    latencies_us: Mutex<Vec<u64>>,
-    first: Mutex<Option<Instant>>,
-    /// Set to the request count to wake on, 0 for none.
-    target: AtomicU64,
-    reached: Notify,
-    last: Mutex<Option<Instant>>,
-    /// The status to answer with (0: 200).
-    status: std::sync::atomic::AtomicU16,
-}
-
-fn sent_us(body: &[u8]) -> Option<u64> {
-    let at = body.windows(7).take(200).position(|w| w == b"\"sent\":")? + 7;
-    let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&body[at..at + digits]).ok()?.parse().ok()
-}
-
-impl Receiver {
-    async fn start() -> (Arc<Receiver>, SocketAddr) {
-        let rx = Arc::new(Receiver::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let state = rx.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let state = state.clone();
-                        async move {
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            state.hit(&body);
-                            let mut resp = hyper::Response::new(Full::new(Bytes::new()));
-                            let status = state.status.load(Ordering::Relaxed);
-                            if status != 0 {
-                                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
-                            }
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        });
-        (rx, addr)
-    }
-
-    fn hit(&self, body: &[u8]) {
-        let now = Instant::now();
-        if self.recording.load(Ordering::Relaxed)
-            && let Some(sent) = sent_us(body)
-        {
-            let lat = unix_us().saturating_sub(sent);
-            self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(lat);
-        }
-        let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
-        self.first.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(now);
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
-        let target = self.target.load(Ordering::Acquire);
-        if target != 0 && n >= target {
-            self.reached.notify_one();
-        }
-    }
-
-    /// Starts a new phase: counts from zero.
-    fn reset(&self, recording: bool) {
-        self.count.store(0, Ordering::Release);
-        *self.first.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.recording.store(recording, Ordering::Release);
-    }
-
-    /// Waits until `n` requests arrived in this phase; false at the time limit.
-    async fn wait_for(&self, n: u64) -> bool {
-        self.target.store(n, Ordering::Release);
-        let deadline = tokio::time::Instant::now() + PHASE_LIMIT;
-        while self.count.load(Ordering::Acquire) < n {
-            if tokio::time::timeout_at(deadline, self.reached.notified()).await.is_err() {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Requests per second from the first to the last request of the phase.
-    fn rate(&self) -> f64 {
-        let first = *self.first.lock().unwrap_or_else(|p| p.into_inner());
-        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match (first, last) {
-            (Some(f), Some(l)) if l > f => (self.count.load(Ordering::Acquire) - 1) as f64 / (l - f).as_secs_f64(),
-            _ => 0.0,
-        }
-    }
 }
 
 // ---------------------------------------------------------------- brokers

@@ -228,11 +228,12 @@ impl Source {
     ) -> Result<Source, KafkaError> {
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         let mut client = kafka_config(cfg, bootstrap);
-        if !cfg.kafka.0.contains_key("statistics.interval.ms") {
-            client.set("statistics.interval.ms", STATS_INTERVAL_MS);
-        }
-        for (key, value) in [("fetch.wait.max.ms", FETCH_WAIT_MAX_MS), ("queued.max.messages.kbytes", PREFETCH_KBYTES)]
-        {
+        let defaults = [
+            ("statistics.interval.ms", STATS_INTERVAL_MS),
+            ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
+            ("queued.max.messages.kbytes", PREFETCH_KBYTES),
+        ];
+        for (key, value) in defaults {
             if !cfg.kafka.0.contains_key(key) {
                 client.set(key, value);
             }
@@ -303,15 +304,10 @@ impl Source {
         if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait()).await.is_err() {
             tracing::warn!("some messages were not settled at shutdown; they will be consumed again");
         }
-        self.commit();
+        commit_now(&self.consumer, &self.offsets);
         let _ = probe.await;
         tracing::info!(unsettled = lock(&self.offsets).unsettled(), "source stopped");
         self.consumer
-    }
-
-    /// Commits what is settled and waits for the broker's answer.
-    fn commit(&self) {
-        commit_now(&self.consumer, &self.offsets);
     }
 
     /// The periodic commit: synchronous (so its result is known and counted)

@@ -48,6 +48,11 @@ impl Default for Health {
 }
 
 impl Health {
+    /// Whether every readiness check passes.
+    pub fn is_ready(&self, store: &Store) -> bool {
+        self.checks(store).iter().all(|(_, ok)| *ok)
+    }
+
     /// Each readiness check and whether it passes.
     pub fn checks(&self, store: &Store) -> Vec<(&'static str, bool)> {
         vec![
@@ -100,8 +105,7 @@ pub async fn bind(
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     // Gauges read at scrape time rather than kept up to date.
-    let ready = s.health.checks(&s.store).iter().all(|(_, ok)| *ok);
-    ::metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
+    ::metrics::gauge!(m::READY).set(if s.health.is_ready(&s.store) { 1.0 } else { 0.0 });
     if let Some(size) = s.store.size_bytes() {
         ::metrics::gauge!(m::STORE_SIZE).set(size as f64);
     }

@@ -18,7 +18,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
-use crate::helpers::{Kafka, http_get, unique};
+use crate::helpers::{Kafka, free_port, http_get, unique};
 
 /// Every wait here is bounded; reaching a bound fails the test.
 pub const LONG: Duration = Duration::from_secs(180);
@@ -35,10 +35,6 @@ fn command(program: &str) -> Command {
     let mut c = Command::new("setpriv");
     c.args(["--pdeathsig", "KILL", "--", program]);
     c
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 // ---------------------------------------------------------------- broker

@@ -22,10 +22,6 @@ fn tool(name: &str) -> String {
     std::env::var(format!("WEBHOOKD_TEST_{}", name.to_ascii_uppercase())).unwrap_or_else(|_| name.to_owned())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// Kills the child when the test ends, passed or not.
 struct Reaped(Child);
 
