@@ -1,5 +1,7 @@
 //! Delivery: one worker per endpoint, each with its own rate limit and
-//! in-flight cap, pulling that endpoint's ready deliveries from the store.
+//! in-flight cap, taking that endpoint's ready deliveries from its feed (new
+//! ones, handed over in memory by the store's writer) or, when it has fallen
+//! behind, reading them from the store.
 //!
 //! Isolation comes from the shape: a worker only ever waits on its own
 //! endpoint's limiter and semaphore, attempts run as their own tasks, and the
@@ -27,7 +29,7 @@ use tracing::Instrument;
 use crate::dead_letter::{self, DeadLetters, DeliveryFailure};
 use crate::retry::{RetryDecision, RetryPolicy};
 use crate::route::Endpoint;
-use crate::store::{Next, ReadyItem, Store, now_ms};
+use crate::store::{Next, ReadyItem, Store, Take, now_ms};
 use client::{AttemptRequest, HttpClient};
 use outcome::{AttemptError, Outcome, classify};
 
@@ -53,35 +55,50 @@ pub struct Deliverer {
 impl Deliverer {
     /// Runs one endpoint's worker until `shutdown`.
     pub async fn run_endpoint(self: Arc<Self>, ep: Arc<Endpoint>, shutdown: CancellationToken) {
-        let wake = self.store.wakeups().endpoint(ep.id());
+        let feed = self.store.wakeups().endpoint(ep.id());
         let rl = &ep.config.rate_limit;
         let limiter = RateLimiter::direct(Quota::per_second(rl.per_second).allow_burst(rl.burst));
         let in_flight = Arc::new(Semaphore::new(ep.config.max_in_flight.get()));
         let batch = ep.config.max_in_flight.get().clamp(16, 256);
+        // The highest sequence number taken; ready deliveries come in sequence order.
         let mut cursor: Option<u64> = None;
+        // Reading the store until caught up, rather than taking from the feed.
+        let mut reading = false;
         loop {
-            let (items, scanned_to) = match self.store.load_ready(ep.id(), cursor, batch).await {
-                Ok(loaded) => loaded,
-                Err(e) => {
-                    tracing::error!(endpoint = ep.id(), error = %e, "cannot load ready deliveries");
-                    if sleep_or_cancel(STORE_RETRY, &shutdown).await {
-                        return;
+            let (items, scanned_to) = if reading {
+                match self.store.load_ready(ep.id(), cursor, batch).await {
+                    Ok((items, None)) if items.is_empty() => {
+                        reading = false;
+                        continue;
                     }
-                    continue;
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        tracing::error!(endpoint = ep.id(), error = %e, "cannot load ready deliveries");
+                        if sleep_or_cancel(STORE_RETRY, &shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                match feed.take(batch) {
+                    Take::Items(items) => (items, None),
+                    Take::Behind => {
+                        reading = true;
+                        continue;
+                    }
+                    Take::Empty => {
+                        tokio::select! {
+                            _ = feed.notified() => continue,
+                            _ = shutdown.cancelled() => return,
+                        }
+                    }
                 }
             };
-            if items.is_empty() {
-                if scanned_to.is_some() {
-                    // Only quarantined records: move past them.
-                    cursor = scanned_to;
-                    continue;
-                }
-                tokio::select! {
-                    _ = wake.notified() => continue,
-                    _ = shutdown.cancelled() => return,
-                }
-            }
             for item in items {
+                if cursor.is_some_and(|c| item.seq <= c) {
+                    continue; // Already taken from the store.
+                }
                 let permit = tokio::select! {
                     p = in_flight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
                     _ = shutdown.cancelled() => return,

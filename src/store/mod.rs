@@ -13,21 +13,25 @@
 //! dead-lettered. Every mutation goes through one writer thread that groups
 //! whatever is queued into a single atomic `WriteBatch` (group commit), hands
 //! out sequence numbers in commit order, and only then wakes the endpoint
-//! workers and the retry scheduler. Reads run on tokio's blocking pool, so no
-//! RocksDB call ever runs on an async worker thread.
+//! workers and the retry scheduler, handing new ready deliveries to the
+//! workers in memory ([`feed`]) so a worker that keeps up never reads back what
+//! was just written. Reads run on tokio's blocking pool, so no RocksDB call
+//! ever runs on an async worker thread.
 
+mod feed;
 mod record;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+pub use feed::{Feed, Take};
 pub use record::{CorruptRecord, Delivery};
 use writer::{Op, Writer};
 
@@ -99,10 +103,12 @@ pub struct DueItem {
     pub delivery: Delivery,
 }
 
-/// Who to wake after a commit.
+/// Who to wake after a commit, and the endpoint workers' feeds.
 #[derive(Debug)]
 pub struct Wakeups {
-    endpoints: RwLock<HashMap<String, Arc<Notify>>>,
+    endpoints: RwLock<HashMap<String, Arc<Feed>>>,
+    /// Items held by all feeds.
+    fed: Arc<AtomicUsize>,
     scheduler: Notify,
     /// Earliest due time of retries scheduled since the scheduler last looked;
     /// it reads from there even if that is below where it had got to.
@@ -115,6 +121,7 @@ impl Default for Wakeups {
     fn default() -> Self {
         Wakeups {
             endpoints: RwLock::default(),
+            fed: Arc::default(),
             scheduler: Notify::new(),
             min_new_due: AtomicI64::new(i64::MAX),
             orphans: Mutex::new(None),
@@ -123,10 +130,33 @@ impl Default for Wakeups {
 }
 
 impl Wakeups {
-    /// The notifier an endpoint worker waits on; registers the endpoint.
-    pub fn endpoint(&self, id: &str) -> Arc<Notify> {
+    /// The feed an endpoint worker takes from and waits on; registers the endpoint.
+    pub fn endpoint(&self, id: &str) -> Arc<Feed> {
         let mut map = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
-        map.entry(id.to_owned()).or_default().clone()
+        map.entry(id.to_owned()).or_insert_with(|| Arc::new(Feed::new(self.fed.clone()))).clone()
+    }
+    /// Hands committed ready deliveries to their workers' feeds; `skipped`
+    /// names endpoints that got committed deliveries not among them.
+    fn feed(&self, items: Vec<ReadyItem>, skipped: &HashSet<String>) {
+        if items.is_empty() && skipped.is_empty() {
+            return;
+        }
+        let map = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+        for id in skipped {
+            if let Some(f) = map.get(id) {
+                f.mark_behind();
+            }
+        }
+        // Unknown endpoints are left out: a feed registered later starts behind.
+        for item in items {
+            if let Some(f) = map.get(&item.delivery.endpoint_id) {
+                f.push(item);
+            }
+        }
+    }
+    /// Whether the feeds can take more than `pending` (the writer copies deliveries only then).
+    fn feed_has_room(&self, pending: usize) -> bool {
+        self.fed.load(Ordering::Acquire) + pending < feed::TOTAL
     }
     pub fn scheduler(&self) -> &Notify {
         &self.scheduler
@@ -147,7 +177,7 @@ impl Wakeups {
     fn wake_endpoint(&self, id: &str) {
         let map = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
         match map.get(id) {
-            Some(n) => n.notify_one(),
+            Some(f) => f.wake(),
             None => {
                 drop(map);
                 // Register it so it is reported once; the new worker takes it over.
@@ -661,7 +691,7 @@ mod tests {
     use crate::event::SourcePos;
     use bytes::Bytes;
 
-    fn delivery(event: &str, endpoint: &str) -> Delivery {
+    pub(super) fn delivery(event: &str, endpoint: &str) -> Delivery {
         let ev = crate::event::Event {
             id: event.into(),
             event_type: "T".into(),

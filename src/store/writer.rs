@@ -1,6 +1,7 @@
 //! The single writer thread: group commit of everything queued, sequence
 //! numbers in commit order, wake-ups only after the write is durable.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, DbCell, Delivery, Depth, DueItem, Intake, NewEvent,
-    Next, StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
+    Next, ReadyItem, StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
 };
 use crate::telemetry::metrics as m;
 
@@ -80,6 +81,10 @@ struct Group {
     sync: bool,
     replies: Vec<Answer>,
     wake_endpoints: HashSet<String>,
+    /// New ready deliveries for the workers' feeds, and the endpoints that got
+    /// some not copied there (the feeds were full).
+    fed: Vec<ReadyItem>,
+    unfed: HashSet<String>,
     wake_scheduler: bool,
     ready_delta: i64,
     waiting_delta: i64,
@@ -198,6 +203,7 @@ impl Writer {
                 if let Some(due) = g.min_new_due {
                     self.wake.note_new_due(due);
                 }
+                self.wake.feed(std::mem::take(&mut g.fed), &g.unfed);
                 for id in &g.wake_endpoints {
                     self.wake.wake_endpoint(id);
                 }
@@ -252,10 +258,7 @@ impl Writer {
                 for item in due {
                     g.batch.delete_cf(cf(db, CF_WAITING), &item.key);
                     g.waiting_delta -= 1;
-                    let key = ready_key(&item.delivery.endpoint_id, self.seq());
-                    g.batch.put_cf(cf(db, CF_READY), key, item.delivery.encode());
-                    g.ready_delta += 1;
-                    g.wake_endpoints.insert(item.delivery.endpoint_id);
+                    self.put_ready(db, g, Cow::Owned(item.delivery));
                 }
                 g.replies.push(simple(reply));
             }
@@ -297,6 +300,23 @@ impl Writer {
         }
     }
 
+    /// Queues `d` on its endpoint's ready queue, and for its worker's feed
+    /// when the feeds have room (copying it only then).
+    fn put_ready(&mut self, db: &DB, g: &mut Group, d: Cow<'_, Delivery>) {
+        let seq = self.seq();
+        let key = ready_key(&d.endpoint_id, seq);
+        g.batch.put_cf(cf(db, CF_READY), &key, d.encode());
+        g.ready_delta += 1;
+        if !g.wake_endpoints.contains(&d.endpoint_id) {
+            g.wake_endpoints.insert(d.endpoint_id.clone());
+        }
+        if self.wake.feed_has_room(g.fed.len()) {
+            g.fed.push(ReadyItem { seq, key, delivery: d.into_owned() });
+        } else if !g.unfed.contains(&d.endpoint_id) {
+            g.unfed.insert(d.endpoint_id.clone());
+        }
+    }
+
     fn replay(&mut self, db: &DB, items: Vec<(Vec<u8>, Delivery)>, g: &mut Group) -> Result<Vec<bool>, StoreError> {
         let dead = cf(db, CF_DEAD);
         let found = db
@@ -310,9 +330,7 @@ impl Writer {
                 continue;
             }
             g.batch.delete_cf(dead, &key);
-            g.batch.put_cf(cf(db, CF_READY), ready_key(&d.endpoint_id, self.seq()), d.encode());
-            g.ready_delta += 1;
-            g.wake_endpoints.insert(d.endpoint_id);
+            self.put_ready(db, g, Cow::Owned(d));
             moved.push(true);
         }
         g.sync |= self.sync_writes;
@@ -341,10 +359,7 @@ impl Writer {
             }
             g.batch.put_cf(dedup, event.event_id.as_bytes(), now.to_be_bytes());
             for d in &event.deliveries {
-                let key = ready_key(&d.endpoint_id, self.seq());
-                g.batch.put_cf(cf(db, CF_READY), key, d.encode());
-                g.ready_delta += 1;
-                g.wake_endpoints.insert(d.endpoint_id.clone());
+                self.put_ready(db, g, Cow::Borrowed(d));
             }
             results.push(Intake::Accepted(event.deliveries.len()));
         }
