@@ -293,8 +293,8 @@ struct Parked {
 }
 
 /// The receiver answers 503 while `a.park` events arrive, until every one of
-/// them waits in the retry schedule; then it answers 200 and they drain (at
-/// the pace of their retry schedule: webhookd's default backoff).
+/// them waits in the retry schedule; then it answers 200 and they drain: each
+/// endpoint's first 2xx recalls its parked retries, whatever their backoff.
 async fn park_and_drain(
     a: &Args,
     p: &FutureProducer,
@@ -477,7 +477,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     let parked = if a.park > 0 {
         let pk = park_and_drain(a, &p, &topic, &run, a.events + paced, &rx, &w).await;
         println!(
-            "parked {} events (receiver 503) in {:.1} s: RSS then {:.0} MiB; receiver back: drained in {:.1} s ({:.0}/s; paced by the retry schedule)",
+            "parked {} events (receiver 503) in {:.1} s: RSS then {:.0} MiB; receiver back: drained in {:.1} s ({:.0}/s; parked retries recalled on recovery)",
             pk.events,
             pk.park_s,
             pk.rss_mib,

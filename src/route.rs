@@ -57,6 +57,12 @@ pub struct Endpoint {
     pub metrics: EndpointMetrics,
     enabled: AtomicBool,
     removed: bool,
+    /// Retries of this endpoint may be parked in the schedule (true at start:
+    /// the store may hold some from before).
+    may_have_parked: AtomicBool,
+    /// It answered 2xx since it last failed: its worker should bring the
+    /// parked retries forward.
+    recall_wanted: AtomicBool,
 }
 
 impl Endpoint {
@@ -67,7 +73,14 @@ impl Endpoint {
         metrics.enabled.set(if config.enabled { 1.0 } else { 0.0 });
         metrics::endpoints_in_state(config.enabled).increment(1.0);
         let enabled = AtomicBool::new(config.enabled);
-        Endpoint { config, metrics, enabled, removed: false }
+        Endpoint {
+            config,
+            metrics,
+            enabled,
+            removed: false,
+            may_have_parked: AtomicBool::new(true),
+            recall_wanted: AtomicBool::new(false),
+        }
     }
 
     /// Stands in for an endpoint that still has deliveries in the store but is
@@ -90,7 +103,14 @@ impl Endpoint {
             attempt_timeout: std::time::Duration::from_secs(5),
             legacy_hmac_header: false,
         };
-        Endpoint { config, metrics: EndpointMetrics::noop(), enabled: AtomicBool::new(false), removed: true }
+        Endpoint {
+            config,
+            metrics: EndpointMetrics::noop(),
+            enabled: AtomicBool::new(false),
+            removed: true,
+            may_have_parked: AtomicBool::new(false),
+            recall_wanted: AtomicBool::new(false),
+        }
     }
 
     pub fn is_removed(&self) -> bool {
@@ -111,6 +131,31 @@ impl Endpoint {
             metrics::endpoints_in_state(!on).decrement(1.0);
         }
         changed
+    }
+    /// A retry that may be brought forward was just scheduled.
+    pub fn note_parked(&self) {
+        self.may_have_parked.store(true, Ordering::Release);
+    }
+    /// An attempt was delivered: true if that is a recovery, and the worker has
+    /// been asked to recall the parked retries.
+    pub fn note_delivered(&self) -> bool {
+        if self.may_have_parked.load(Ordering::Acquire) && self.may_have_parked.swap(false, Ordering::AcqRel) {
+            self.recall_wanted.store(true, Ordering::Release);
+            return true;
+        }
+        false
+    }
+    /// Whether a recall was asked for and not yet taken.
+    pub fn recall_wanted(&self) -> bool {
+        self.recall_wanted.load(Ordering::Acquire)
+    }
+    /// Takes the request for a recall: true if there was one.
+    pub fn take_recall(&self) -> bool {
+        self.recall_wanted.swap(false, Ordering::AcqRel)
+    }
+    /// Whether a retry was parked since the recall began (it failed again).
+    pub fn parked_since_recall(&self) -> bool {
+        self.may_have_parked.load(Ordering::Acquire)
     }
     /// The subscription rule stated plainly; the index must agree with it.
     #[cfg(test)]

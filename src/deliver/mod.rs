@@ -35,6 +35,8 @@ use outcome::{AttemptError, Outcome, classify};
 
 /// How long a dead letter that could not be produced waits before the next try.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(10);
+/// Most parked retries one recall moves: what a feed holds.
+const RECALL_CHUNK: usize = crate::store::FEED_PER_ENDPOINT;
 /// Pause after a failed store call before trying again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
@@ -64,6 +66,7 @@ impl Deliverer {
         let mut cursor: Option<u64> = None;
         // Reading the store until caught up, rather than taking from the feed.
         let mut reading = false;
+        let mut recall = Recall::new(self.policy.base(), self.policy.cap());
         loop {
             let (items, scanned_to) = if reading {
                 match self.store.load_ready(ep.id(), cursor, batch).await {
@@ -88,8 +91,29 @@ impl Deliverer {
                         continue;
                     }
                     Take::Empty => {
+                        // Idle: if the endpoint recovered, bring its parked
+                        // retries forward, a feed's worth at a time.
+                        if recall.active && ep.parked_since_recall() {
+                            recall.interrupted(&ep);
+                        }
+                        let wanted = recall.active || ep.recall_wanted();
+                        if wanted && Instant::now() >= recall.not_before {
+                            recall.active |= ep.take_recall();
+                            match self.store.recall(ep.id(), RECALL_CHUNK).await {
+                                Ok((moved, more)) => recall.moved(&ep, moved, more),
+                                Err(e) => {
+                                    tracing::error!(endpoint = ep.id(), error = %e, "cannot bring parked retries forward");
+                                    if sleep_or_cancel(STORE_RETRY, &shutdown).await {
+                                        return;
+                                    }
+                                }
+                            }
+                            continue;
+                        }
+                        let until = tokio::time::Instant::from_std(recall.not_before);
                         tokio::select! {
                             _ = feed.notified() => continue,
+                            _ = tokio::time::sleep_until(until), if wanted => continue,
                             _ = shutdown.cancelled() => return,
                         }
                     }
@@ -188,13 +212,24 @@ impl Deliverer {
             }
             log_attempt(&result, outcome, elapsed);
             match outcome {
-                Outcome::Delivered => Some(Next::Done),
+                Outcome::Delivered => {
+                    if ep.note_delivered() {
+                        self.store.wakeups().endpoint(ep.id()).wake();
+                    }
+                    Some(Next::Done)
+                }
                 Outcome::Retry { retry_after } => {
                     let age = Duration::from_millis((now_ms() - d.first_attempt_ms).max(0) as u64);
                     match self.policy.decide_now(d.attempts, age, retry_after) {
                         RetryDecision::After(delay) => {
                             metrics.retries_scheduled.increment(1);
-                            Some(Next::Wait { due_ms: now_ms() + delay.as_millis() as i64, delivery: d })
+                            // A delay the receiver asked for is kept, recovery or not.
+                            let recall = retry_after.is_none();
+                            if recall {
+                                ep.note_parked();
+                            }
+                            let due_ms = now_ms() + delay.as_millis() as i64;
+                            Some(Next::Wait { due_ms, delivery: d, recall })
                         }
                         RetryDecision::Exhausted => self.dead_letter(d, DeliveryFailure::Exhausted).await,
                     }
@@ -241,7 +276,7 @@ impl Deliverer {
             Err(e) => {
                 tracing::error!(error = %e, reason = why.as_str(), "cannot produce dead letter; will try again");
                 d.dead_letter_reason = Some(why.as_str().to_owned());
-                Next::Wait { due_ms: now_ms() + DEAD_LETTER_RETRY.as_millis() as i64, delivery: d }
+                Next::Wait { due_ms: now_ms() + DEAD_LETTER_RETRY.as_millis() as i64, delivery: d, recall: false }
             }
         })
     }
@@ -258,6 +293,54 @@ impl Deliverer {
                 return;
             }
         }
+    }
+}
+
+/// An endpoint worker's recall of parked retries after its endpoint answered
+/// 2xx again. A failure while recalling stops it, and the next recall waits a
+/// back-off that doubles (from the retry base to its cap) until one completes:
+/// a flapping endpoint cannot burn its deliveries' attempts early.
+#[derive(Debug)]
+struct Recall {
+    /// Under way: more may be parked.
+    active: bool,
+    /// Moved by this recall so far.
+    moved: usize,
+    not_before: Instant,
+    backoff: Duration,
+    base: Duration,
+    cap: Duration,
+}
+
+impl Recall {
+    fn new(base: Duration, cap: Duration) -> Recall {
+        Recall { active: false, moved: 0, not_before: Instant::now(), backoff: base, base, cap }
+    }
+
+    fn moved(&mut self, ep: &Endpoint, moved: usize, more: bool) {
+        self.moved += moved;
+        ep.metrics.retries_recalled.increment(moved as u64);
+        if !more {
+            if self.moved > 0 {
+                tracing::info!(
+                    endpoint = ep.id(),
+                    recalled = self.moved,
+                    "endpoint recovered: parked retries brought forward"
+                );
+            }
+            self.active = false;
+            self.moved = 0;
+            self.backoff = self.base;
+        }
+    }
+
+    fn interrupted(&mut self, ep: &Endpoint) {
+        tracing::info!(endpoint = ep.id(), recalled = self.moved, next_in = ?self.backoff,
+            "endpoint failed again while parked retries were brought forward: stopped");
+        self.active = false;
+        self.moved = 0;
+        self.not_before = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(self.cap);
     }
 }
 

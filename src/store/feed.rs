@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use super::ReadyItem;
 
 /// Most items one endpoint's feed holds.
-pub(super) const PER_ENDPOINT: usize = 512;
+pub const PER_ENDPOINT: usize = 512;
 /// Most items all feeds together hold: about 10 MiB of 1 KiB events.
 pub(super) const TOTAL: usize = 8192;
 
@@ -88,7 +88,7 @@ impl Feed {
         self.notify.notified().await
     }
 
-    pub(super) fn wake(&self) {
+    pub fn wake(&self) {
         self.notify.notify_one();
     }
 

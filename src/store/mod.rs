@@ -5,6 +5,7 @@
 //! | `dedup`    | event id | first-seen unix ms (expired by a compaction filter) |
 //! | `ready`    | endpoint id, 0x00, seq (u64 BE) | [`Delivery`] due now, FIFO per endpoint |
 //! | `waiting`  | due unix ms (u64 BE), seq | [`Delivery`] scheduled for a retry |
+//! | `parked`   | endpoint id, 0x00, `waiting` key | empty: the endpoint's retries that may be brought forward |
 //! | `dead`     | unix ms, seq | the dead letter as produced to the topic |
 //! | `endpoints`| endpoint id | JSON state (disabled, why, when) |
 //! | `meta`     | name | e.g. the last sequence number |
@@ -31,7 +32,7 @@ use std::time::Duration;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-pub use feed::{Feed, Take};
+pub use feed::{Feed, PER_ENDPOINT as FEED_PER_ENDPOINT, Take};
 pub use record::{CorruptRecord, Delivery};
 use writer::{Op, Writer};
 
@@ -41,7 +42,8 @@ pub(crate) const CF_WAITING: &str = "waiting";
 pub(crate) const CF_DEAD: &str = "dead";
 pub(crate) const CF_ENDPOINTS: &str = "endpoints";
 pub(crate) const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [CF_DEDUP, CF_READY, CF_WAITING, CF_DEAD, CF_ENDPOINTS, CF_META];
+pub(crate) const CF_PARKED: &str = "parked";
+const ALL_CFS: [&str; 7] = [CF_DEDUP, CF_READY, CF_WAITING, CF_DEAD, CF_ENDPOINTS, CF_META, CF_PARKED];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,8 +82,11 @@ pub enum Intake {
 pub enum Next {
     /// Delivered: forget it.
     Done,
-    /// Retry at `due_ms` (unix ms) with the updated record.
-    Wait { due_ms: i64, delivery: Delivery },
+    /// Retry at `due_ms` (unix ms) with the updated record. `recall`: it may
+    /// be brought forward when the endpoint recovers (false when the receiver
+    /// asked for the delay with `Retry-After`, or when it waits for the
+    /// dead-letter topic rather than the endpoint).
+    Wait { due_ms: i64, delivery: Delivery, recall: bool },
     /// Dead-lettered (already produced to the topic): keep this record in the local index.
     Dead { record: Vec<u8> },
 }
@@ -430,6 +435,13 @@ impl Store {
         self.call(|reply| Op::Promote { due, reply }).await
     }
 
+    /// Brings up to `limit` of an endpoint's parked retries forward to its
+    /// ready queue, oldest due first: how many moved, and whether more may remain.
+    pub async fn recall(&self, endpoint: &str, limit: usize) -> Result<(usize, bool), StoreError> {
+        let endpoint = endpoint.to_owned();
+        self.call(|reply| Op::Recall { endpoint, limit, reply }).await
+    }
+
     /// Persists an endpoint's disabled state (`None` re-enables it).
     pub async fn set_endpoint_disabled(&self, id: &str, state: Option<serde_json::Value>) -> Result<(), StoreError> {
         let id = id.to_owned();
@@ -648,6 +660,15 @@ pub(crate) fn ready_key(endpoint: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// An endpoint's entry in `parked` for its retry at `waiting_key`.
+pub(crate) fn parked_key(endpoint: &str, waiting_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(endpoint.len() + 1 + waiting_key.len());
+    k.extend_from_slice(endpoint.as_bytes());
+    k.push(0);
+    k.extend_from_slice(waiting_key);
+    k
+}
+
 pub(crate) fn seq_key(ms: i64, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(16);
     k.extend_from_slice(&(ms.max(0) as u64).to_be_bytes());
@@ -772,7 +793,9 @@ mod tests {
         let mut d = items[1].delivery.clone();
         d.attempts = 1;
         s.finish(items[0].key.clone(), Next::Done).await.expect("done");
-        s.finish(items[1].key.clone(), Next::Wait { due_ms: now_ms() - 10, delivery: d }).await.expect("wait");
+        s.finish(items[1].key.clone(), Next::Wait { due_ms: now_ms() - 10, delivery: d, recall: true })
+            .await
+            .expect("wait");
         s.finish(items[2].key.clone(), Next::Dead { record: b"{\"reason\":\"rejected\"}".to_vec() })
             .await
             .expect("dead");
@@ -921,6 +944,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn recall_brings_an_endpoints_parked_retries_forward_once_and_only_those_it_may() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600));
+        let ids = ["e1", "e2", "e3", "e4", "e5"];
+        s.intake(Arc::new(ids.iter().map(|id| new_event(id, &["a"])).chain([new_event("b1", &["b"])]).collect()))
+            .await
+            .expect("intake");
+        let (mut items, _) = s.load_ready("a", None, 10).await.expect("load");
+        items.extend(s.load_ready("b", None, 10).await.expect("load").0);
+        let far = now_ms() + 3_600_000;
+        for (i, item) in items.iter().enumerate() {
+            let mut d = item.delivery.clone();
+            d.attempts = 1;
+            // e5 waits for a Retry-After the receiver asked for: never recalled.
+            let recall = d.event_id != "e5";
+            s.finish(item.key.clone(), Next::Wait { due_ms: far + i as i64, delivery: d, recall }).await.expect("wait");
+        }
+        assert_eq!(s.depth().waiting.load(Ordering::Relaxed), 6);
+
+        // The scheduler read e1 and e2 as due before the recall moved them (a race).
+        let (stale, _) = s.due(far + 10, 0, 2).await.expect("due");
+        assert_eq!(stale.iter().map(|d| d.delivery.event_id.as_str()).collect::<Vec<_>>(), ["e1", "e2"]);
+
+        assert_eq!(s.recall("a", 2).await.expect("recall"), (2, true), "two of a's, oldest due first; more may remain");
+        assert_eq!(s.recall("a", 10).await.expect("recall"), (2, false), "the rest but e5");
+        assert_eq!(s.recall("a", 10).await.expect("recall"), (0, false), "nothing parked twice");
+        s.promote(stale).await.expect("promote");
+        let (ready, _) = s.load_ready("a", None, 10).await.expect("load");
+        let mut got: Vec<_> = ready.iter().map(|r| r.delivery.event_id.as_str()).collect();
+        got.sort();
+        assert_eq!(got, ["e1", "e2", "e3", "e4"], "each once: the stale promotion moved nothing");
+        assert!(ready.iter().all(|r| r.delivery.attempts == 1), "records as they were parked");
+        assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (4, 2));
+
+        // b's retry is untouched; promoting it clears its index entry.
+        let (due, _) = s.due(far + 10, 0, 10).await.expect("due");
+        assert_eq!(due.iter().map(|d| d.delivery.event_id.as_str()).collect::<Vec<_>>(), ["e5", "b1"]);
+        s.promote(due).await.expect("promote");
+        assert_eq!(s.recall("b", 10).await.expect("recall"), (0, false));
+        assert_eq!(s.raw().iterator_cf(cf(&s.raw(), CF_PARKED), IteratorMode::Start).count(), 0, "index emptied");
+        assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (6, 0));
+        s.close().await;
+    }
+
+    #[tokio::test]
     async fn ready_endpoints_lists_each_endpoint_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(60));
@@ -938,7 +1006,9 @@ mod tests {
         assert_eq!(s.wakeups().take_min_new_due(), i64::MAX, "nothing scheduled yet");
         let before = now_ms();
         let d = items[0].delivery.clone();
-        s.finish(items[0].key.clone(), Next::Wait { due_ms: before - 60_000, delivery: d }).await.expect("wait");
+        s.finish(items[0].key.clone(), Next::Wait { due_ms: before - 60_000, delivery: d, recall: true })
+            .await
+            .expect("wait");
         let reported = s.wakeups().take_min_new_due();
         assert!((before..=now_ms()).contains(&reported), "a due time in the past is clamped to now and reported");
         assert_eq!(s.wakeups().take_min_new_due(), i64::MAX, "reported once");

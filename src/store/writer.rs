@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rocksdb::{DB, WriteBatch, WriteOptions};
+use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_READY, CF_WAITING, DbCell, Delivery, Depth, DueItem, Intake, NewEvent,
-    Next, ReadyItem, StoreError, Wakeups, cf, expired, now_ms, ready_key, seq_key,
+    CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_PARKED, CF_READY, CF_WAITING, DbCell, Delivery, Depth, DueItem,
+    Intake, NewEvent, Next, ReadyItem, StoreError, Wakeups, cf, expired, now_ms, parked_key, ready_key, seq_key,
 };
 use crate::telemetry::metrics as m;
 
@@ -37,9 +37,16 @@ pub(super) enum Op {
         next: Next,
         reply: Reply<()>,
     },
+    /// Due retries to their ready queues, each only if still waiting.
     Promote {
         due: Vec<DueItem>,
         reply: Reply<()>,
+    },
+    /// An endpoint's parked retries to its ready queue.
+    Recall {
+        endpoint: String,
+        limit: usize,
+        reply: Reply<(usize, bool)>,
     },
     /// Moves an undecodable record out of the way, into the dead-letter index.
     Quarantine {
@@ -89,8 +96,9 @@ struct Group {
     ready_delta: i64,
     waiting_delta: i64,
     dedup_added: HashSet<String>,
-    /// Dead letters this group already moves back (a second replay finds none).
-    replayed: HashSet<Vec<u8>>,
+    /// Dead letters and waiting retries this group already moves to a ready
+    /// queue (a second replay, promotion or recall finds none).
+    moved: HashSet<Vec<u8>>,
     /// Earliest due time among retries this group schedules.
     min_new_due: Option<i64>,
 }
@@ -239,10 +247,13 @@ impl Writer {
                 g.ready_delta -= 1;
                 match next {
                     Next::Done => {}
-                    Next::Wait { due_ms, delivery } => {
+                    Next::Wait { due_ms, delivery, recall } => {
                         let due = due_ms.max(now_ms());
                         g.min_new_due = Some(g.min_new_due.map_or(due, |m| m.min(due)));
                         let key = seq_key(due, self.seq());
+                        if recall {
+                            g.batch.put_cf(cf(db, CF_PARKED), parked_key(&delivery.endpoint_id, &key), []);
+                        }
                         g.batch.put_cf(cf(db, CF_WAITING), key, delivery.encode());
                         g.waiting_delta += 1;
                         g.wake_scheduler = true;
@@ -254,14 +265,16 @@ impl Writer {
                 }
                 g.replies.push(simple(reply));
             }
-            Op::Promote { due, reply } => {
-                for item in due {
-                    g.batch.delete_cf(cf(db, CF_WAITING), &item.key);
-                    g.waiting_delta -= 1;
-                    self.put_ready(db, g, Cow::Owned(item.delivery));
-                }
-                g.replies.push(simple(reply));
-            }
+            Op::Promote { due, reply } => match self.promote(db, due, g) {
+                Ok(()) => g.replies.push(simple(reply)),
+                Err(e) => drop(reply.send(Err(e))),
+            },
+            Op::Recall { endpoint, limit, reply } => match self.recall(db, &endpoint, limit, g) {
+                Ok(found) => g.replies.push(Box::new(move |r| {
+                    let _ = reply.send(r.map(|_| found).map_err(clone_err));
+                })),
+                Err(e) => drop(reply.send(Err(e))),
+            },
             Op::EndpointState { id, state, reply } => {
                 let cf = cf(db, CF_ENDPOINTS);
                 match state {
@@ -300,6 +313,60 @@ impl Writer {
         }
     }
 
+    /// Moves due retries to their ready queues, skipping any a recall already moved.
+    fn promote(&mut self, db: &DB, due: Vec<DueItem>, g: &mut Group) -> Result<(), StoreError> {
+        let waiting = cf(db, CF_WAITING);
+        let found = db
+            .multi_get_cf(due.iter().map(|d| (waiting, d.key.as_slice())))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        for (item, prior) in due.into_iter().zip(found) {
+            if prior.is_none() || !g.moved.insert(item.key.clone()) {
+                continue;
+            }
+            g.batch.delete_cf(waiting, &item.key);
+            g.batch.delete_cf(cf(db, CF_PARKED), parked_key(&item.delivery.endpoint_id, &item.key));
+            g.waiting_delta -= 1;
+            self.put_ready(db, g, Cow::Owned(item.delivery));
+        }
+        Ok(())
+    }
+
+    /// Moves up to `limit` of `endpoint`'s parked retries to its ready queue,
+    /// earliest due first. Index entries whose retry is gone, or cannot be
+    /// decoded (the scheduler quarantines it when due), are dropped.
+    fn recall(&mut self, db: &DB, endpoint: &str, limit: usize, g: &mut Group) -> Result<(usize, bool), StoreError> {
+        let (parked, waiting) = (cf(db, CF_PARKED), cf(db, CF_WAITING));
+        let start = parked_key(endpoint, &[]);
+        let mut end = endpoint.as_bytes().to_vec();
+        end.push(1);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        let keys = db
+            .iterator_cf_opt(parked, ro, IteratorMode::From(&start, Direction::Forward))
+            .take(limit)
+            .map(|kv| kv.map(|(k, _)| k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let found = db
+            .multi_get_cf(keys.iter().map(|k| (waiting, &k[start.len()..])))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut moved = 0;
+        for (key, value) in keys.iter().zip(found) {
+            let wait_key = &key[start.len()..];
+            g.batch.delete_cf(parked, key);
+            let Some(Ok(d)) = value.map(|v| Delivery::decode(&v)) else { continue };
+            if !g.moved.insert(wait_key.to_vec()) {
+                continue;
+            }
+            g.batch.delete_cf(waiting, wait_key);
+            g.waiting_delta -= 1;
+            self.put_ready(db, g, Cow::Owned(d));
+            moved += 1;
+        }
+        Ok((moved, keys.len() == limit))
+    }
+
     /// Queues `d` on its endpoint's ready queue, and for its worker's feed
     /// when the feeds have room (copying it only then).
     fn put_ready(&mut self, db: &DB, g: &mut Group, d: Cow<'_, Delivery>) {
@@ -325,7 +392,7 @@ impl Writer {
             .collect::<Result<Vec<_>, _>>()?;
         let mut moved = Vec::with_capacity(items.len());
         for ((key, d), prior) in items.into_iter().zip(found) {
-            if prior.is_none() || !g.replayed.insert(key.clone()) {
+            if prior.is_none() || !g.moved.insert(key.clone()) {
                 moved.push(false);
                 continue;
             }
@@ -377,6 +444,7 @@ fn refuse(op: Op) -> bool {
         Op::Finish { reply, .. } | Op::Promote { reply, .. } | Op::EndpointState { reply, .. } => {
             drop(reply.send(Err(err())))
         }
+        Op::Recall { reply, .. } => drop(reply.send(Err(err()))),
         Op::Quarantine { .. } => {}
         Op::Close => return true,
     }

@@ -31,6 +31,8 @@ pub const ATTEMPT_DURATION: &str = "webhookd_attempt_duration_seconds";
 pub const DELIVERY_LATENCY: &str = "webhookd_delivery_latency_seconds";
 /// Retries written to the schedule; label `endpoint`.
 pub const RETRIES_SCHEDULED: &str = "webhookd_retries_scheduled_total";
+/// Parked retries brought forward when their endpoint recovered; label `endpoint`.
+pub const RETRIES_RECALLED: &str = "webhookd_retries_recalled_total";
 /// Dead letters produced; label `reason`.
 pub const DEAD_LETTERS: &str = "webhookd_dead_letters_total";
 /// Dead letters moved back to the outbox by an operator's replay.
@@ -87,6 +89,11 @@ fn describe() {
         "Event timestamp to the 2xx that delivered it, retries included."
     );
     describe_counter!(RETRIES_SCHEDULED, Unit::Count, "Retries written to the retry schedule.");
+    describe_counter!(
+        RETRIES_RECALLED,
+        Unit::Count,
+        "Parked retries brought forward to the ready queue when their endpoint answered 2xx again."
+    );
     describe_counter!(DEAD_LETTERS, Unit::Count, "Dead letters produced, by reason.");
     describe_counter!(DEAD_LETTERS_REPLAYED, Unit::Count, "Dead letters moved back to the outbox by a replay.");
     describe_gauge!(OUTBOX_READY, Unit::Count, "Deliveries due now.");
@@ -183,6 +190,7 @@ pub struct EndpointMetrics {
     pub delivery_latency: Histogram,
     pub rate_limited: Counter,
     pub retries_scheduled: Counter,
+    pub retries_recalled: Counter,
     pub enabled: Gauge,
     deliveries: [Counter; 4],
 }
@@ -197,6 +205,7 @@ impl EndpointMetrics {
             delivery_latency: metrics::histogram!(DELIVERY_LATENCY, &[l()]),
             rate_limited: metrics::counter!(RATE_LIMITED, &[l()]),
             retries_scheduled: metrics::counter!(RETRIES_SCHEDULED, &[l()]),
+            retries_recalled: metrics::counter!(RETRIES_RECALLED, &[l()]),
             enabled: if label == OTHER_ENDPOINTS { Gauge::noop() } else { metrics::gauge!(ENDPOINT_ENABLED, &[l()]) },
             deliveries: OUTCOMES.map(|o| metrics::counter!(DELIVERIES, &[l(), ("outcome", o.to_owned())])),
         }
@@ -210,6 +219,7 @@ impl EndpointMetrics {
             delivery_latency: Histogram::noop(),
             rate_limited: Counter::noop(),
             retries_scheduled: Counter::noop(),
+            retries_recalled: Counter::noop(),
             enabled: Gauge::noop(),
             deliveries: [Counter::noop(), Counter::noop(), Counter::noop(), Counter::noop()],
         }

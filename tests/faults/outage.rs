@@ -111,7 +111,9 @@ async fn an_endpoint_down_for_a_long_stretch_parks_its_deliveries_and_drains_whe
     down.go_down(503);
     let dir = tempfile::tempdir().expect("tempdir");
     let endpoints = endpoint("healthy", healthy.port) + &endpoint("down", down.port);
-    let retry = "[retry]\nbase = \"1s\"\ncap = \"3s\"\nmax_attempts = 100000\n";
+    // Retries an hour apart: once the endpoint is back, the backlog drains at
+    // full speed only because its parked retries are recalled.
+    let retry = "[retry]\nbase = \"1h\"\ncap = \"2h\"\nmax_attempts = 100000\n";
     let config =
         write_config(dir.path(), &kafka.bootstrap, &topic, &dir.path().join("db"), "", &endpoints).to_path_buf();
     let text = std::fs::read_to_string(&config).expect("config");
@@ -148,13 +150,15 @@ async fn an_endpoint_down_for_a_long_stretch_parks_its_deliveries_and_drains_whe
     let recovered = Instant::now();
     down.wait_delivered("the endpoint after it came back", n).await;
     let drained = recovered.elapsed();
+    let recalled = w.metric("webhookd_retries_recalled_total{endpoint=\"down\"}").await;
     let peak = w.peak_rss_mib();
     let (t, _) = settle_everything(&kafka, &topic, &ids, &[("healthy", &healthy), ("down", &down)]).await;
     assert!(w.terminate(Duration::from_secs(30)).await.0.success());
     println!(
         "endpoint down while {n} events arrived: the healthy endpoint got all {n} in {:.1} s; {parked} deliveries \
          parked ({attempts_while_down} attempts refused); RSS {start_rss:.0} MiB at start, samples {:?} MiB, peak \
-         {peak:.0} MiB; drained {n} in {:.1} s ({:.0}/s) once it returned; missing {}, duplicates {}",
+         {peak:.0} MiB; drained {n} in {:.1} s ({:.0}/s, {recalled} recalled) once it returned; missing {}, \
+         duplicates {}",
         healthy_took.as_secs_f64(),
         rss_samples.iter().map(|r| r.round()).collect::<Vec<_>>(),
         drained.as_secs_f64(),
@@ -163,6 +167,7 @@ async fn an_endpoint_down_for_a_long_stretch_parks_its_deliveries_and_drains_whe
         t.duplicates
     );
     assert!(t.missing.is_empty(), "lost: {:?}", &t.missing[..t.missing.len().min(10)]);
+    assert!(recalled >= n as f64 * 0.9, "only {recalled} of {n} parked retries were recalled");
     assert!(peak < 200.0, "peak RSS {peak:.0} MiB: memory grows with the parked backlog");
 }
 

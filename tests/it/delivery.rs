@@ -1,6 +1,8 @@
 //! Deliveries as a receiver sees them: signatures, dedup, retries, outcomes,
 //! limits and isolation.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -171,6 +173,47 @@ async fn retry_after_delays_the_next_attempt() {
         "Retry-After: 2 was not honoured: retried after {gap:?} (backoff alone is ≤ 50 ms)"
     );
     assert_eq!(hits[1].status, 200);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_endpoint_gets_its_parked_retries_at_once_but_not_those_it_asked_to_delay() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("recall", 1).await;
+    let down = Arc::new(AtomicBool::new(true));
+    let rx = Receiver::start({
+        let down = down.clone();
+        move |h: &Hit| match (down.load(Ordering::SeqCst), h.event_id() == "evt_ra") {
+            (_, true) => Reply { status: 503, delay: Duration::ZERO, retry_after: Some("3600".into()) },
+            (true, false) => Reply::status(503),
+            (false, false) => Reply::status(200),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Retries an hour apart: only a recall can bring them back within the test.
+    let retry = "base = \"1h\"\ncap = \"2h\"\nmax_attempts = 10";
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), retry, &endpoint("a", &rx.url("/"), ""))).await;
+    let parked: Vec<String> = (0..20).map(|i| format!("evt_p{i}")).collect();
+    for id in parked.iter().map(String::as_str).chain(["evt_ra"]) {
+        kafka.produce(&topic, None, &event(id, "ContactCreate")).await;
+    }
+    rx.wait_for(21).await;
+    assert_eq!(rx.hits().iter().filter(|h| h.status == 200).count(), 0);
+
+    down.store(false, Ordering::SeqCst);
+    // The next 2xx (a new event) is the sign of recovery.
+    kafka.produce(&topic, None, &event("evt_up", "ContactCreate")).await;
+    rx.wait_until("every parked retry delivered after the recovery", |hits| {
+        parked.iter().all(|id| hits.iter().any(|h| h.event_id() == *id && h.status == 200))
+    })
+    .await;
+    let recalled = d.metric("webhookd_retries_recalled_total{endpoint=\"a\"}").await;
+    // A jittered first retry may come due by itself within the test (p ≈ 3%).
+    assert!((18.0..=20.0).contains(&recalled), "recalled {recalled}");
+    let ra: Vec<_> = rx.hits().into_iter().filter(|h| h.event_id() == "evt_ra").collect();
+    assert_eq!(ra.len(), 1, "the retry the receiver asked to delay by an hour stays parked");
+    assert_eq!(d.metric("webhookd_outbox_waiting_deliveries").await, 1.0);
     d.stop().await;
 }
 
