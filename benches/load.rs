@@ -47,7 +47,7 @@ use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 
 mod support;
 
-use support::{Receiver, unix_us};
+use support::{Receiver, sent_us, unix_us};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// No phase may take longer than this.
@@ -401,6 +401,60 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// The broker's own produce→consume latency at `rate`: a plain consumer in
+/// this process, assigned (no group join) to a fresh topic, with webhookd's
+/// fetch settings and `--kafka`. It runs after webhookd stopped, so it is
+/// the floor under webhookd's figure: what the broker and client alone take.
+async fn broker_floor(
+    a: &Args,
+    kafka: &Broker,
+    bootstrap: &str,
+    p: &FutureProducer,
+    run: &str,
+    rate: f64,
+    n: usize,
+) -> Vec<u64> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let topic = format!("load-{run}-floor");
+    create_topics(kafka, bootstrap, &topic).await;
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("floor-{run}"))
+        .set("enable.auto.commit", "false")
+        // webhookd's defaults (src/source/mod.rs), then the same overrides.
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.max.messages.kbytes", "32768");
+    for (k, v) in &a.kafka {
+        cfg.set(k, v);
+    }
+    let consumer: StreamConsumer = cfg.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        tpl.add_partition_offset(&topic, partition, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    // Warm up: one event there and back, so connection and fetch set-up are not measured.
+    produce(p, &topic, run, 0..1, 1, None).await;
+    tokio::time::timeout(PHASE_LIMIT, consumer.recv()).await.expect("warm-up in time").expect("warm-up event");
+    let consume = async {
+        let mut lat = Vec::with_capacity(n);
+        while lat.len() < n {
+            let m = consumer.recv().await.expect("consume");
+            let sent = sent_us(m.payload().unwrap_or_default()).expect("the event's send stamp");
+            lat.push(unix_us().saturating_sub(sent));
+        }
+        lat
+    };
+    let (_, lat) = tokio::join!(
+        produce(p, &topic, run, 1..n + 1, a.endpoints, Some(rate)),
+        tokio::time::timeout(PHASE_LIMIT, consume)
+    );
+    let mut lat = lat.expect("the broker floor phase finished in time");
+    lat.sort_unstable();
+    lat
+}
+
 /// The same receiver, driven directly by a pooled client: `n` requests at `concurrency`.
 async fn ceiling(receiver: SocketAddr, rx: &Receiver, n: usize, concurrency: usize, endpoints: usize) -> f64 {
     rx.reset(false);
@@ -442,6 +496,8 @@ struct Outcome {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    floor_p50_ms: f64,
+    floor_p99_ms: f64,
     rss_mib: f64,
     cpu_s: f64,
 }
@@ -490,7 +546,10 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     };
     let rss_mib = w.stop();
 
-    // 3. Ceiling: the median of three runs (a single one swings by ±30 % here).
+    // 3. The broker's own latency at the same rate, webhookd stopped.
+    let floor = broker_floor(a, &kafka, &bootstrap, &p, &run, half, paced).await;
+
+    // 4. Ceiling: the median of three runs (a single one swings by ±30 % here).
     let concurrency = (a.endpoints * a.in_flight).min(1024);
     let mut ceilings = Vec::new();
     for _ in 0..CEILING_RUNS {
@@ -501,7 +560,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     println!(
         "broker {broker}: {} events to {} endpoints (in flight ≤ {} each): {events_per_s:.0} events/s; \
          webhookd CPU {cpu_s:.1} s ({:.1} µs/event); paced at {half:.0}/s for {paced} events: latency p50 {:.2} ms, \
-         p99 {:.2} ms, max {:.2} ms; peak RSS {rss_mib:.0} MiB; ceiling {ceiling_per_s:.0} req/s at concurrency {concurrency} \
+         p99 {:.2} ms, max {:.2} ms (broker alone: p50 {:.2} ms, p99 {:.2} ms); peak RSS {rss_mib:.0} MiB; ceiling {ceiling_per_s:.0} req/s at concurrency {concurrency} \
          (median of {ceilings:.0?})",
         a.events,
         a.endpoints,
@@ -510,6 +569,8 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
         percentile(&lat, 1.0),
+        percentile(&floor, 0.5),
+        percentile(&floor, 0.99),
     );
     Outcome {
         events_per_s,
@@ -517,6 +578,8 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         max_ms: percentile(&lat, 1.0),
+        floor_p50_ms: percentile(&floor, 0.5),
+        floor_p99_ms: percentile(&floor, 0.99),
         rss_mib,
         cpu_s,
         parked,
@@ -548,7 +611,7 @@ fn main() {
             )
         });
         println!(
-            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} rss_mib={:.0} cpu_s={:.1}{park}",
+            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_p50_ms={:.2} broker_p99_ms={:.2} rss_mib={:.0} cpu_s={:.1}{park}",
             a.endpoints,
             a.events,
             o.events_per_s,
@@ -557,6 +620,8 @@ fn main() {
             o.p50_ms,
             o.p99_ms,
             o.max_ms,
+            o.floor_p50_ms,
+            o.floor_p99_ms,
             o.rss_mib,
             o.cpu_s
         );

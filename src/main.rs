@@ -8,6 +8,13 @@ use tokio_util::sync::CancellationToken;
 use webhookd::config::Config;
 use webhookd::manage::cli::{self, CliError, Filter, Target};
 
+/// jemalloc rather than glibc's malloc: in the load benchmark it cut CPU per
+/// delivered event by about a fifth and parked 200,000 retries in 17 s instead
+/// of 26 s, for the same memory (README, Performance). Rust allocations only;
+/// RocksDB and librdkafka keep the system allocator.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "webhookd", version, about = "Kafka events in, signed webhook deliveries out")]
 struct Cli {

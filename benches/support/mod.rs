@@ -36,7 +36,7 @@ pub struct Receiver {
     pub status: std::sync::atomic::AtomicU16,
 }
 
-fn sent_us(body: &[u8]) -> Option<u64> {
+pub fn sent_us(body: &[u8]) -> Option<u64> {
     let at = body.windows(7).take(200).position(|w| w == b"\"sent\":")? + 7;
     let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&body[at..at + digits]).ok()?.parse().ok()

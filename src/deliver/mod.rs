@@ -35,8 +35,10 @@ use outcome::{AttemptError, Outcome, classify};
 
 /// How long a dead letter that could not be produced waits before the next try.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(10);
-/// Most parked retries one recall moves: what a feed holds.
-const RECALL_CHUNK: usize = crate::store::FEED_PER_ENDPOINT;
+/// Most parked retries one recall moves. Small, because many endpoints may
+/// recover at once and the writer holds their chunks together in one batch:
+/// 100 endpoints × 128 × 1 KiB is 13 MiB.
+const RECALL_CHUNK: usize = 128;
 /// Pause after a failed store call before trying again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 

@@ -623,6 +623,22 @@ impl Store {
         Some(sizes.map(Option::unwrap_or_default).sum())
     }
 
+    /// RocksDB's memory by kind: memtables, table readers (index and filter
+    /// blocks outside the cache) and the block cache, in bytes.
+    pub fn memory_bytes(&self) -> Option<[(&'static str, u64); 3]> {
+        let db = self.db.get().ok()?;
+        let sum = |property: &str| -> u64 {
+            ALL_CFS.iter().filter_map(|name| db.property_int_value_cf(cf(&db, name), property).ok().flatten()).sum()
+        };
+        // One cache serves every column family: read it once.
+        let cache = db.property_int_value("rocksdb.block-cache-usage").ok().flatten().unwrap_or_default();
+        Some([
+            ("memtables", sum("rocksdb.cur-size-all-mem-tables")),
+            ("table_readers", sum("rocksdb.estimate-table-readers-mem")),
+            ("block_cache", cache),
+        ])
+    }
+
     /// Whether an event id is inside the dedup window.
     pub async fn seen(&self, event_id: &str) -> Result<bool, StoreError> {
         let id = event_id.to_owned();

@@ -56,6 +56,8 @@ pub const CONSUMER_LAG: &str = "webhookd_consumer_lag_messages";
 pub const PARTITIONS_ASSIGNED: &str = "webhookd_partitions_assigned";
 /// RocksDB's SST files across column families (the write-ahead log excluded).
 pub const STORE_SIZE: &str = "webhookd_store_size_bytes";
+/// RocksDB's memory; label `kind` (memtables, table_readers, block_cache).
+pub const STORE_MEMORY: &str = "webhookd_store_memory_bytes";
 /// Offset commits; label `result` (ok, error).
 pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
 /// Failed RocksDB writes.
@@ -105,6 +107,7 @@ fn describe() {
     describe_gauge!(CONSUMER_LAG, Unit::Count, "Messages past the committed offset of each owned partition.");
     describe_gauge!(PARTITIONS_ASSIGNED, Unit::Count, "Source partitions assigned to this instance.");
     describe_gauge!(STORE_SIZE, Unit::Bytes, "Size of RocksDB's SST files, all column families.");
+    describe_gauge!(STORE_MEMORY, Unit::Bytes, "RocksDB's memory: memtables, table readers, block cache.");
     describe_counter!(OFFSET_COMMITS, Unit::Count, "Kafka offset commits by result.");
     describe_counter!(STORE_WRITE_ERRORS, Unit::Count, "RocksDB write batches that failed.");
     describe_counter!(
@@ -173,6 +176,9 @@ fn start_at_zero() {
     }
     for gauge in [READY, OUTBOX_READY, OUTBOX_WAITING, PARTITIONS_ASSIGNED, STORE_SIZE] {
         metrics::gauge!(gauge).increment(0.0);
+    }
+    for kind in ["memtables", "table_readers", "block_cache"] {
+        metrics::gauge!(STORE_MEMORY, "kind" => kind).increment(0.0);
     }
 }
 
