@@ -19,13 +19,17 @@
 //! 3. **park** (only with `--park N`): the receiver answers 503 while N more
 //!    events arrive, until all wait in the retry schedule (RSS read then);
 //!    then 200, and the time to drain them.
-//! 4. **ceiling**: webhookd stopped, the client sends N requests of the
-//!    same body at concurrency min(E × K, 1024), three times; the median counts.
+//! 4. **broker alone**: webhookd stopped, a plain consumer here reads events
+//!    produced at the half rate with webhookd's fetch settings: the floor
+//!    under phase 2's latency.
+//! 5. **ceiling**: the client sends N requests of the same body at
+//!    concurrency min(E × K, 1024), three times; the median counts.
 //!
 //! webhookd's peak RSS (VmHWM) and CPU time (utime + stime) come from /proc.
 //! Every loop is bounded in count and time; all traffic stays on 127.0.0.1.
 //! The last line is machine-readable:
-//! `RESULT events_per_s=… ceiling_per_s=… ratio=… p50_ms=… p99_ms=… rss_mib=…`.
+//! `RESULT broker=… endpoints=… events=… events_per_s=… ceiling_per_s=… ratio=… p50_ms=… p99_ms=… max_ms=…
+//! broker_p50_ms=… broker_p99_ms=… rss_mib=… cpu_s=…[ parked=… park_s=… parked_rss_mib=… drain_s=…]`.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
