@@ -4,7 +4,7 @@
 //! hyper client at the same concurrency.
 //!
 //!   ./scripts/load-bench [--events N] [--endpoints E] [--broker tansu|mock|both] [--in-flight K]
-//!                        [--kafka key=value]... [--park N]
+//!                        [--kafka key=value]... [--env NAME=value]... [--park N]
 //!
 //! The broker is a tansu process by default. librdkafka's in-process mock
 //! cluster (`--broker mock`) works, but has been seen to stall under sustained
@@ -68,6 +68,8 @@ struct Args {
     bin: PathBuf,
     /// Extra librdkafka properties for webhookd (`--kafka key=value`).
     kafka: Vec<(String, String)>,
+    /// Environment for webhookd's process (`--env NAME=value`), e.g. `MALLOC_ARENA_MAX=2`.
+    env: Vec<(String, String)>,
     /// Events to park (receiver answering 503), then drain (`--park N`); 0: skip.
     park: usize,
 }
@@ -79,6 +81,7 @@ fn args() -> Args {
         in_flight: 16,
         brokers: vec!["tansu".into()],
         kafka: Vec::new(),
+        env: Vec::new(),
         park: 0,
         bin: std::env::var("WEBHOOKD_TEST_BIN")
             .map(PathBuf::from)
@@ -104,6 +107,11 @@ fn args() -> Args {
                 let kv = value();
                 let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("--kafka: key=value, not {kv:?}"));
                 a.kafka.push((k.to_owned(), v.to_owned()));
+            }
+            "--env" => {
+                let kv = value();
+                let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("--env: NAME=value, not {kv:?}"));
+                a.env.push((k.to_owned(), v.to_owned()));
             }
             "--bench" => {} // added by `cargo bench`
             other => panic!("unknown argument {other:?}"),
@@ -236,6 +244,7 @@ impl Webhookd {
             .arg(&a.bin)
             .args(["run", "--config"])
             .arg(&path)
+            .envs(a.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
