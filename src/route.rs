@@ -6,7 +6,7 @@
 //! one pointer swap.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::EndpointConfig;
@@ -50,6 +50,10 @@ impl TypeFilter {
     }
 }
 
+/// Failures in a row that make an outage: the 2xx after them starts a recall
+/// of the endpoint's parked retries.
+pub const RECOVERY_STREAK: u32 = 3;
+
 /// An endpoint as the delivery path sees it: its config plus live state.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -57,8 +61,11 @@ pub struct Endpoint {
     pub metrics: EndpointMetrics,
     enabled: AtomicBool,
     removed: bool,
-    /// Retries of this endpoint may be parked in the schedule (true at start:
-    /// the store may hold some from before).
+    /// Retry-class failures since the last 2xx. It starts at
+    /// [`RECOVERY_STREAK`]: the store may hold retries parked before a restart.
+    failures: AtomicU32,
+    /// Retries of this endpoint may be parked in the schedule (true at start,
+    /// for the same reason).
     may_have_parked: AtomicBool,
     /// It answered 2xx since it last failed: its worker should bring the
     /// parked retries forward.
@@ -78,6 +85,7 @@ impl Endpoint {
             metrics,
             enabled,
             removed: false,
+            failures: AtomicU32::new(RECOVERY_STREAK),
             may_have_parked: AtomicBool::new(true),
             recall_wanted: AtomicBool::new(false),
         }
@@ -108,6 +116,7 @@ impl Endpoint {
             metrics: EndpointMetrics::noop(),
             enabled: AtomicBool::new(false),
             removed: true,
+            failures: AtomicU32::new(0),
             may_have_parked: AtomicBool::new(false),
             recall_wanted: AtomicBool::new(false),
         }
@@ -132,14 +141,21 @@ impl Endpoint {
         }
         changed
     }
-    /// A retry that may be brought forward was just scheduled.
-    pub fn note_parked(&self) {
-        self.may_have_parked.store(true, Ordering::Release);
+    /// An attempt failed with a retry outcome; `recallable`: its retry was
+    /// scheduled and may be brought forward.
+    pub fn note_failed(&self, recallable: bool) {
+        let _ = self.failures.fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| Some(f.saturating_add(1)));
+        if recallable {
+            self.may_have_parked.store(true, Ordering::Release);
+        }
     }
-    /// An attempt was delivered: true if that is a recovery, and the worker has
-    /// been asked to recall the parked retries.
+    /// An attempt was delivered: true if that ends an outage (at least
+    /// [`RECOVERY_STREAK`] failures in a row before it) while retries may be
+    /// parked, and the worker has been asked to recall them. A single failing
+    /// delivery among successes is no outage: its retry keeps its time.
     pub fn note_delivered(&self) -> bool {
-        if self.may_have_parked.load(Ordering::Acquire) && self.may_have_parked.swap(false, Ordering::AcqRel) {
+        let streak = self.failures.swap(0, Ordering::AcqRel);
+        if streak >= RECOVERY_STREAK && self.may_have_parked.swap(false, Ordering::AcqRel) {
             self.recall_wanted.store(true, Ordering::Release);
             return true;
         }
@@ -153,9 +169,10 @@ impl Endpoint {
     pub fn take_recall(&self) -> bool {
         self.recall_wanted.swap(false, Ordering::AcqRel)
     }
-    /// Whether a retry was parked since the recall began (it failed again).
-    pub fn parked_since_recall(&self) -> bool {
-        self.may_have_parked.load(Ordering::Acquire)
+    /// Whether the endpoint is failing again: [`RECOVERY_STREAK`] failures in
+    /// a row since its last 2xx.
+    pub fn is_failing(&self) -> bool {
+        self.failures.load(Ordering::Acquire) >= RECOVERY_STREAK
     }
     /// The subscription rule stated plainly; the index must agree with it.
     #[cfg(test)]
@@ -287,6 +304,33 @@ mod tests {
 
     fn ids(r: &Registry, ty: &str, loc: Option<&str>) -> Vec<String> {
         r.snapshot().route(ty, loc).iter().map(|e| e.id().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_recall_is_asked_for_after_an_outage_not_after_one_failing_delivery() {
+        let r = registry(&format!(
+            "[[endpoints]]\nid = \"a\"\nurl = \"https://a.example.com/\"\nsecrets = [\"{SECRET}\"]\n"
+        ));
+        let ep = r.get("a").expect("a");
+        assert!(ep.note_delivered(), "the first 2xx after a start recalls what an earlier run parked");
+        assert!(ep.take_recall() && !ep.take_recall(), "taken once");
+        assert!(!ep.note_delivered(), "nothing failed since");
+
+        ep.note_failed(true);
+        assert!(!ep.is_failing());
+        assert!(!ep.note_delivered(), "one failing delivery among successes is no outage: its retry keeps its time");
+        for _ in 0..RECOVERY_STREAK {
+            ep.note_failed(false);
+        }
+        assert!(ep.is_failing());
+        assert!(ep.note_delivered(), "an outage ended, and a retry was parked before it");
+        assert!(!ep.is_failing());
+        assert!(ep.take_recall());
+
+        for _ in 0..RECOVERY_STREAK {
+            ep.note_failed(false);
+        }
+        assert!(!ep.note_delivered(), "only Retry-After retries since the last recall: none to bring forward");
     }
 
     #[test]

@@ -94,13 +94,15 @@ impl Deliverer {
                     }
                     Take::Empty => {
                         // Idle: if the endpoint recovered, bring its parked
-                        // retries forward, a feed's worth at a time.
-                        if recall.active && ep.parked_since_recall() {
-                            recall.interrupted(&ep);
+                        // retries forward, RECALL_CHUNK at a time.
+                        if recall.active && ep.is_failing() {
+                            recall.stop(&ep);
                         }
                         let wanted = recall.active || ep.recall_wanted();
-                        if wanted && Instant::now() >= recall.not_before {
-                            recall.active |= ep.take_recall();
+                        if wanted && (recall.active || Instant::now() >= recall.not_before) {
+                            if !recall.active && ep.take_recall() {
+                                recall.start(Instant::now());
+                            }
                             match self.store.recall(ep.id(), RECALL_CHUNK).await {
                                 Ok((moved, more)) => recall.moved(&ep, moved, more),
                                 Err(e) => {
@@ -222,14 +224,12 @@ impl Deliverer {
                 }
                 Outcome::Retry { retry_after } => {
                     let age = Duration::from_millis((now_ms() - d.first_attempt_ms).max(0) as u64);
+                    // A delay the receiver asked for is kept, recovery or not.
+                    let recall = retry_after.is_none();
+                    ep.note_failed(recall);
                     match self.policy.decide_now(d.attempts, age, retry_after) {
                         RetryDecision::After(delay) => {
                             metrics.retries_scheduled.increment(1);
-                            // A delay the receiver asked for is kept, recovery or not.
-                            let recall = retry_after.is_none();
-                            if recall {
-                                ep.note_parked();
-                            }
                             let due_ms = now_ms() + delay.as_millis() as i64;
                             Some(Next::Wait { due_ms, delivery: d, recall })
                         }
@@ -298,25 +298,42 @@ impl Deliverer {
     }
 }
 
-/// An endpoint worker's recall of parked retries after its endpoint answered
-/// 2xx again. A failure while recalling stops it, and the next recall waits a
-/// back-off that doubles (from the retry base to its cap) until one completes:
-/// a flapping endpoint cannot burn its deliveries' attempts early.
+/// An endpoint worker's recall of parked retries once its endpoint answered
+/// 2xx after an outage ([`Endpoint::note_delivered`]).
+///
+/// A recalled retry that fails is parked again, and a flapping endpoint could
+/// recall it again at once: so recalls start at least a gap apart, and the
+/// gap doubles with each one, from the retry base to its cap (reset after a
+/// cap's time without one). A recalled retry thus gets extra attempts no
+/// faster than its own backoff would give them. A recall also stops when the
+/// endpoint is failing again.
 #[derive(Debug)]
 struct Recall {
     /// Under way: more may be parked.
     active: bool,
     /// Moved by this recall so far.
     moved: usize,
+    /// When the next recall may start, and the gap after that one.
     not_before: Instant,
-    backoff: Duration,
+    gap: Duration,
+    last_start: Option<Instant>,
     base: Duration,
     cap: Duration,
 }
 
 impl Recall {
     fn new(base: Duration, cap: Duration) -> Recall {
-        Recall { active: false, moved: 0, not_before: Instant::now(), backoff: base, base, cap }
+        Recall { active: false, moved: 0, not_before: Instant::now(), gap: base, last_start: None, base, cap }
+    }
+
+    fn start(&mut self, now: Instant) {
+        if self.last_start.is_some_and(|t| now.duration_since(t) > self.cap) {
+            self.gap = self.base;
+        }
+        self.active = true;
+        self.last_start = Some(now);
+        self.not_before = now + self.gap;
+        self.gap = (self.gap * 2).min(self.cap);
     }
 
     fn moved(&mut self, ep: &Endpoint, moved: usize, more: bool) {
@@ -332,17 +349,17 @@ impl Recall {
             }
             self.active = false;
             self.moved = 0;
-            self.backoff = self.base;
         }
     }
 
-    fn interrupted(&mut self, ep: &Endpoint) {
-        tracing::info!(endpoint = ep.id(), recalled = self.moved, next_in = ?self.backoff,
-            "endpoint failed again while parked retries were brought forward: stopped");
+    fn stop(&mut self, ep: &Endpoint) {
+        tracing::info!(
+            endpoint = ep.id(),
+            recalled = self.moved,
+            "endpoint failing again while parked retries were brought forward: recall stopped"
+        );
         self.active = false;
         self.moved = 0;
-        self.not_before = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(self.cap);
     }
 }
 
@@ -368,5 +385,29 @@ pub(crate) async fn sleep_or_cancel(d: Duration, token: &CancellationToken) -> b
     tokio::select! {
         _ = tokio::time::sleep(d) => false,
         _ = token.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recalls_start_a_doubling_gap_apart_until_a_quiet_cap() {
+        let (base, cap) = (Duration::from_secs(5), Duration::from_secs(60));
+        let mut r = Recall::new(base, cap);
+        let t0 = Instant::now();
+        let mut at = t0;
+        let mut gaps = Vec::new();
+        for _ in 0..6 {
+            r.start(at);
+            gaps.push((r.not_before - at).as_secs());
+            at = r.not_before;
+            r.active = false;
+        }
+        assert_eq!(gaps, [5, 10, 20, 40, 60, 60]);
+        let quiet = at + cap + Duration::from_secs(1);
+        r.start(quiet);
+        assert_eq!(r.not_before - quiet, base, "a cap's time without a recall resets the gap");
     }
 }

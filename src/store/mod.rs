@@ -159,6 +159,15 @@ impl Wakeups {
             }
         }
     }
+    /// Sends every worker to the store: after a failed write, whose batch may
+    /// still have reached the log and come back when the store is reopened.
+    fn all_behind(&self) {
+        let map = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+        for f in map.values() {
+            f.mark_behind();
+            f.wake();
+        }
+    }
     /// Whether the feeds can take more than `pending` (the writer copies deliveries only then).
     fn feed_has_room(&self, pending: usize) -> bool {
         self.fed.load(Ordering::Acquire) + pending < feed::TOTAL

@@ -203,6 +203,9 @@ impl Writer {
                     self.broken = true;
                     metrics::counter!(m::STORE_WRITE_ERRORS).increment(1);
                     tracing::error!(error = %e, "store write failed; nothing of this batch was applied");
+                    // Unless it reached the log after all: then the reopened
+                    // store has ready deliveries no feed was given.
+                    self.wake.all_behind();
                 }
             }
             // Wake-ups before answers: whoever the answer unblocks finds the
