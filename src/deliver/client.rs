@@ -57,6 +57,11 @@ pub fn build_with_lookup(cfg: &DeliveryConfig, lookup: Arc<dyn Lookup>) -> Resul
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        // Responses are read and dropped (a status and a capped body): a
+        // fixed 4 KiB read buffer instead of hyper's adaptive one, which
+        // grows per connection. About 20-40 MiB less RSS at 1,600 connections
+        // in the load benchmark.
+        .http1_read_buf_exact_size(4096)
         .build(https.enable_http1().wrap_connector(tcp)))
 }
 
