@@ -67,8 +67,8 @@ pub struct Endpoint {
     /// Retries of this endpoint may be parked in the schedule (true at start,
     /// for the same reason).
     may_have_parked: AtomicBool,
-    /// It answered 2xx since it last failed: its worker should bring the
-    /// parked retries forward.
+    /// It answered 2xx after an outage: its worker should bring the parked
+    /// retries forward.
     recall_wanted: AtomicBool,
 }
 
