@@ -154,6 +154,10 @@ impl Endpoint {
     /// parked, and the worker has been asked to recall them. A single failing
     /// delivery among successes is no outage: its retry keeps its time.
     pub fn note_delivered(&self) -> bool {
+        // Most deliveries follow a success: read before writing the shared counter.
+        if self.failures.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         let streak = self.failures.swap(0, Ordering::AcqRel);
         if streak >= RECOVERY_STREAK && self.may_have_parked.swap(false, Ordering::AcqRel) {
             self.recall_wanted.store(true, Ordering::Release);

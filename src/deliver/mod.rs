@@ -29,7 +29,7 @@ use tracing::Instrument;
 use crate::dead_letter::{self, DeadLetters, DeliveryFailure};
 use crate::retry::{RetryDecision, RetryPolicy};
 use crate::route::Endpoint;
-use crate::store::{Next, ReadyItem, Store, Take, now_ms};
+use crate::store::{Feed, Next, ReadyItem, Store, Take, now_ms};
 use client::{AttemptRequest, HttpClient};
 use outcome::{AttemptError, Outcome, classify};
 
@@ -93,33 +93,10 @@ impl Deliverer {
                         continue;
                     }
                     Take::Empty => {
-                        // Idle: if the endpoint recovered, bring its parked
-                        // retries forward, RECALL_CHUNK at a time.
-                        if recall.active && ep.is_failing() {
-                            recall.stop(&ep);
+                        if self.idle(&ep, &feed, &mut recall, &shutdown).await {
+                            return;
                         }
-                        let wanted = recall.active || ep.recall_wanted();
-                        if wanted && (recall.active || Instant::now() >= recall.not_before) {
-                            if !recall.active && ep.take_recall() {
-                                recall.start(Instant::now());
-                            }
-                            match self.store.recall(ep.id(), RECALL_CHUNK).await {
-                                Ok((moved, more)) => recall.moved(&ep, moved, more),
-                                Err(e) => {
-                                    tracing::error!(endpoint = ep.id(), error = %e, "cannot bring parked retries forward");
-                                    if sleep_or_cancel(STORE_RETRY, &shutdown).await {
-                                        return;
-                                    }
-                                }
-                            }
-                            continue;
-                        }
-                        let until = tokio::time::Instant::from_std(recall.not_before);
-                        tokio::select! {
-                            _ = feed.notified() => continue,
-                            _ = tokio::time::sleep_until(until), if wanted => continue,
-                            _ = shutdown.cancelled() => return,
-                        }
+                        continue;
                     }
                 }
             };
@@ -155,6 +132,37 @@ impl Deliverer {
                 );
             }
             cursor = cursor.max(scanned_to);
+        }
+    }
+
+    /// A worker with nothing to take: if its endpoint recovered, brings one
+    /// chunk of parked retries forward; otherwise waits for the feed (or for
+    /// the next recall's time). True once `shutdown` is cancelled.
+    async fn idle(&self, ep: &Endpoint, feed: &Feed, recall: &mut Recall, shutdown: &CancellationToken) -> bool {
+        if recall.active && ep.is_failing() {
+            recall.stop(ep);
+        }
+        let wanted = recall.active || ep.recall_wanted();
+        if wanted && (recall.active || Instant::now() >= recall.not_before) {
+            if !recall.active && ep.take_recall() {
+                recall.start(Instant::now());
+            }
+            return match self.store.recall(ep.id(), RECALL_CHUNK).await {
+                Ok((moved, more)) => {
+                    recall.moved(ep, moved, more);
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = ep.id(), error = %e, "cannot bring parked retries forward");
+                    sleep_or_cancel(STORE_RETRY, shutdown).await
+                }
+            };
+        }
+        let until = tokio::time::Instant::from_std(recall.not_before);
+        tokio::select! {
+            _ = feed.notified() => false,
+            _ = tokio::time::sleep_until(until), if wanted => false,
+            _ = shutdown.cancelled() => true,
         }
     }
 
