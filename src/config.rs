@@ -325,7 +325,7 @@ impl Config {
             dead_letter_topic: r.non_empty("source.dead_letter_topic", "webhookd.dead-letter"),
             max_event_bytes: r.get("source.max_event_bytes", nz_usize(1024 * 1024)),
             batch_max: r.get("source.batch_max", nz_usize(512)),
-            batch_linger: r.duration("source.batch_linger", Duration::from_millis(5)),
+            batch_linger: r.duration("source.batch_linger", Duration::ZERO),
             commit_interval: r.positive_duration("source.commit_interval", Duration::from_secs(1)),
             session_timeout: r.positive_duration("source.session_timeout", Duration::from_secs(10)),
             embedded_partitions: r.get("source.embedded_partitions", NonZeroU32::MIN.saturating_add(3)),

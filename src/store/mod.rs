@@ -328,9 +328,9 @@ impl DbCell {
 /// families together (a retry backlog churns `ready` and `waiting` hard, and
 /// RocksDB's default of 64 MiB per family would let six of them grow), and one
 /// block cache shared by all families instead of one each.
-const MEMTABLES_TOTAL: usize = 48 << 20;
+const MEMTABLES_TOTAL: usize = 32 << 20;
 const MEMTABLE_PER_FAMILY: usize = 16 << 20;
-const BLOCK_CACHE: usize = 16 << 20;
+const BLOCK_CACHE: usize = 8 << 20;
 
 fn open_db(path: &Path, window_ms: i64) -> Result<DB, StoreError> {
     let mut db_opts = Options::default();
@@ -639,8 +639,10 @@ impl Store {
         let sum = |property: &str| -> u64 {
             ALL_CFS.iter().filter_map(|name| db.property_int_value_cf(cf(&db, name), property).ok().flatten()).sum()
         };
-        // One cache serves every column family: read it once.
-        let cache = db.property_int_value("rocksdb.block-cache-usage").ok().flatten().unwrap_or_default();
+        // One cache serves every column family but `default` (which holds
+        // nothing and has RocksDB's own): read it once, through one of ours.
+        let cache =
+            db.property_int_value_cf(cf(&db, CF_READY), "rocksdb.block-cache-usage").ok().flatten().unwrap_or_default();
         Some([
             ("memtables", sum("rocksdb.cur-size-all-mem-tables")),
             ("table_readers", sum("rocksdb.estimate-table-readers-mem")),

@@ -112,6 +112,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     for (kind, bytes) in s.store.memory_bytes().into_iter().flatten() {
         ::metrics::gauge!(m::STORE_MEMORY, "kind" => kind).set(bytes as f64);
     }
+    m::refresh_allocator();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.prom.render()).into_response()
 }
 

@@ -58,6 +58,11 @@ pub const PARTITIONS_ASSIGNED: &str = "webhookd_partitions_assigned";
 pub const STORE_SIZE: &str = "webhookd_store_size_bytes";
 /// RocksDB's memory; label `kind` (memtables, table_readers, block_cache).
 pub const STORE_MEMORY: &str = "webhookd_store_memory_bytes";
+/// The heap, by the binary's allocator (jemalloc, which serves RocksDB and
+/// librdkafka as well); label `kind`: `allocated` (live allocations) and
+/// `resident` (physical memory the allocator holds). The process's RSS
+/// beyond `resident` is thread stacks and the binary.
+pub const ALLOCATOR: &str = "webhookd_allocator_bytes";
 /// Offset commits; label `result` (ok, error).
 pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
 /// Failed RocksDB writes.
@@ -108,6 +113,11 @@ fn describe() {
     describe_gauge!(PARTITIONS_ASSIGNED, Unit::Count, "Source partitions assigned to this instance.");
     describe_gauge!(STORE_SIZE, Unit::Bytes, "Size of RocksDB's SST files, all column families.");
     describe_gauge!(STORE_MEMORY, Unit::Bytes, "RocksDB's memory: memtables, table readers, block cache.");
+    describe_gauge!(
+        ALLOCATOR,
+        Unit::Bytes,
+        "The heap (jemalloc): allocated (live) and resident (held by the allocator)."
+    );
     describe_counter!(OFFSET_COMMITS, Unit::Count, "Kafka offset commits by result.");
     describe_counter!(STORE_WRITE_ERRORS, Unit::Count, "RocksDB write batches that failed.");
     describe_counter!(
@@ -239,6 +249,23 @@ impl EndpointMetrics {
 }
 
 /// The [`ENDPOINTS`] gauge of a state.
+/// jemalloc's figures for [`ALLOCATOR`], as (kind, bytes). Any program that
+/// links this crate allocates through jemalloc, C and C++ code included (it
+/// overrides `malloc`), so they cover the whole heap. jemalloc caches them
+/// until the epoch advances.
+pub fn allocator_stats() -> Option<[(&'static str, u64); 2]> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance().ok()?;
+    Some([("allocated", stats::allocated::read().ok()? as u64), ("resident", stats::resident::read().ok()? as u64)])
+}
+
+/// Sets [`ALLOCATOR`]; called at scrape time.
+pub fn refresh_allocator() {
+    for (kind, bytes) in allocator_stats().into_iter().flatten() {
+        metrics::gauge!(ALLOCATOR, "kind" => kind).set(bytes as f64);
+    }
+}
+
 pub fn endpoints_in_state(enabled: bool) -> Gauge {
     metrics::gauge!(ENDPOINTS, "state" => if enabled { "enabled" } else { "disabled" })
 }

@@ -500,7 +500,6 @@ group_id = "{topic}-group"
 dead_letter_topic = "{topic}.dlq"
 commit_interval = "100ms"
 session_timeout = "6s"
-batch_linger = "2ms"
 max_event_bytes = 4096
 [store]
 path = "{store}"

@@ -96,7 +96,9 @@ async fn committed_offsets_never_pass_an_unsettled_event() {
 
 /// Two instances share a consumer group; one leaves. The revoke and assign
 /// paths run for real, and every event is delivered (at least once: dedup is
-/// per instance, so a partition that moves can repeat unsettled work).
+/// per instance, so a partition that moves can repeat unsettled work). The
+/// first instance lingers over its batches (`batch_linger`), the second
+/// writes what it holds at once (the default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_between_two_instances_loses_nothing() {
     let kafka = Kafka::start();
@@ -114,7 +116,10 @@ async fn a_rebalance_between_two_instances_loses_nothing() {
         }
     };
 
-    let first = Daemon::start(&config(&kafka, &topic, dir1.path(), FAST_RETRY, &ep)).await;
+    let lingering = config(&kafka, &topic, dir1.path(), FAST_RETRY, &ep)
+        .replace("[source]\n", "[source]\nbatch_linger = \"20ms\"\n");
+    assert!(lingering.contains("batch_linger"), "the config has a [source] table");
+    let first = Daemon::start(&lingering).await;
     produce(20).await;
     rx.wait_until("20 events via the first instance", distinct(20)).await;
     // Let the first instance commit before the group changes, so what is
