@@ -298,3 +298,14 @@ async fn each_attempt_is_logged_in_a_span_with_its_status_and_duration() {
     p.signal("-TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
 }
+
+/// The allocator's options are built into the binary (.cargo/config.toml);
+/// jemalloc names any option it cannot take on stderr, at start-up, and
+/// otherwise ignores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_starts_without_an_allocator_warning() {
+    let out = run(vec!["--version".into()]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "webhookd --version failed: {stderr}");
+    assert!(!stderr.contains("<jemalloc>"), "jemalloc rejected a built-in option: {stderr}");
+}
