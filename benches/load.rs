@@ -452,14 +452,11 @@ async fn broker_floor(
     let topic = format!("load-{run}-floor");
     create_topics(kafka, bootstrap, &topic).await;
     let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("floor-{run}"))
-        .set("enable.auto.commit", "false")
-        // webhookd's defaults (src/source/mod.rs), then the same overrides.
-        .set("fetch.wait.max.ms", "100")
-        .set("queued.max.messages.kbytes", "8192")
-        .set("fetch.queue.backoff.ms", "10")
-        .set("max.partition.fetch.bytes", "262144");
+    cfg.set("bootstrap.servers", bootstrap).set("group.id", format!("floor-{run}")).set("enable.auto.commit", "false");
+    // webhookd's consumer defaults, then the same overrides.
+    for (k, v) in webhookd::source::CONSUMER_DEFAULTS {
+        cfg.set(k, v);
+    }
     for (k, v) in &a.kafka {
         cfg.set(k, v);
     }

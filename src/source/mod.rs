@@ -67,6 +67,15 @@ const PARTITION_FETCH_BYTES: &str = "262144";
 /// each second: 15,300 events/s instead of 35,400.
 const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
+/// webhookd's own librdkafka consumer defaults; `source.kafka` overrides each.
+pub const CONSUMER_DEFAULTS: [(&str, &str); 5] = [
+    ("statistics.interval.ms", STATS_INTERVAL_MS),
+    ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
+    ("queued.max.messages.kbytes", PREFETCH_KBYTES),
+    ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
+    ("max.partition.fetch.bytes", PARTITION_FETCH_BYTES),
+];
+
 /// librdkafka settings shared by the consumer and the dead-letter producer.
 pub fn kafka_config(cfg: &SourceConfig, bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -239,14 +248,7 @@ impl Source {
     ) -> Result<Source, KafkaError> {
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         let mut client = kafka_config(cfg, bootstrap);
-        let defaults = [
-            ("statistics.interval.ms", STATS_INTERVAL_MS),
-            ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
-            ("queued.max.messages.kbytes", PREFETCH_KBYTES),
-            ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
-            ("max.partition.fetch.bytes", PARTITION_FETCH_BYTES),
-        ];
-        for (key, value) in defaults {
+        for (key, value) in CONSUMER_DEFAULTS {
             if !cfg.kafka.0.contains_key(key) {
                 client.set(key, value);
             }
