@@ -10,7 +10,8 @@
 //! rest of a backlog stays in RocksDB.
 //!
 //! Per attempt: sign → send within the budget → [`outcome::classify`] →
-//! retry policy → one store write (done / wait / dead) that settles it.
+//! retry policy → one store write that settles it: delivered (not waited
+//! for; the writer keeps it until written), wait, or dead.
 
 pub mod client;
 pub mod guard;
@@ -228,7 +229,11 @@ impl Deliverer {
                     if ep.note_delivered() {
                         self.store.wakeups().endpoint(ep.id()).wake();
                     }
-                    Some(Next::Done)
+                    // Not waited for: the writer keeps it until it is written.
+                    if let Err(e) = self.store.delivered(key).await {
+                        tracing::warn!(error = %e, "store closed: this delivery stays in the outbox and is delivered again");
+                    }
+                    return;
                 }
                 Outcome::Retry { retry_after } => {
                     let age = Duration::from_millis((now_ms() - d.first_attempt_ms).max(0) as u64);

@@ -76,12 +76,11 @@ pub enum Intake {
     Accepted(usize),
 }
 
-/// What becomes of a ready delivery after an attempt.
+/// What becomes of a ready delivery after an attempt that did not deliver it
+/// (a delivered one is forgotten with [`Store::delivered`]).
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant, reason = "built once per attempt and moved straight to the writer")]
 pub enum Next {
-    /// Delivered: forget it.
-    Done,
     /// Retry at `due_ms` (unix ms) with the updated record. `recall`: it may
     /// be brought forward when the endpoint recovers (false when the receiver
     /// asked for the delay with `Retry-After`, or when it waits for the
@@ -434,7 +433,18 @@ impl Store {
         self.call(|reply| Op::Intake { events, reply }).await
     }
 
-    /// Settles a ready delivery after an attempt.
+    /// Forgets a delivered delivery, without waiting for the write: returns
+    /// once the writer has it (an error only if the store is closed). The
+    /// writer deletes it with its next group, and if that write fails, with
+    /// the first that succeeds. Like every settlement it is not fsynced: a
+    /// crash before it reaches the disk means one more delivery, never none.
+    /// Operations are written in the order they are sent, so any later call
+    /// that answers finds it written.
+    pub async fn delivered(&self, ready_key: Vec<u8>) -> Result<(), StoreError> {
+        self.tx.send(Op::Delivered { ready_key }).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Settles a ready delivery after an attempt that did not deliver it.
     pub async fn finish(&self, ready_key: Vec<u8>, next: Next) -> Result<(), StoreError> {
         self.call(|reply| Op::Finish { ready_key, next, reply }).await
     }
@@ -819,7 +829,7 @@ mod tests {
         let (items, _) = s.load_ready("a", None, 10).await.expect("load");
         let mut d = items[1].delivery.clone();
         d.attempts = 1;
-        s.finish(items[0].key.clone(), Next::Done).await.expect("done");
+        s.delivered(items[0].key.clone()).await.expect("delivered");
         s.finish(items[1].key.clone(), Next::Wait { due_ms: now_ms() - 10, delivery: d, recall: true })
             .await
             .expect("wait");
@@ -844,6 +854,29 @@ mod tests {
         assert_eq!(ready[0].delivery.attempts, 1, "the retry keeps its history");
         assert!(ready[0].seq > last_seq, "sequence numbers continue after a restart");
         assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (1, 0));
+        s.close().await;
+    }
+
+    #[tokio::test]
+    #[allow(clippy::await_holding_lock, reason = "the test holds the database's slot to make the writer refuse")]
+    async fn a_delivered_delete_refused_while_reopening_is_written_with_the_next_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600));
+        s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
+        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
+        {
+            // The database taken out, as during a reopen: the writer refuses writes.
+            let _swapping = s.db.slot.write().expect("slot");
+            s.delivered(items[0].key.clone()).await.expect("queued");
+            // Answered after the writer took the delete (operations are taken in order).
+            let refused = s.intake(Arc::new(vec![new_event("e2", &["a"])])).await;
+            assert!(matches!(refused, Err(StoreError::Reopening)), "{refused:?}");
+        }
+        s.intake(Arc::new(vec![new_event("e3", &["a"])])).await.expect("intake once back");
+        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
+        let ids: Vec<&str> = items.iter().map(|i| i.delivery.event_id.as_str()).collect();
+        assert_eq!(ids, ["e3"], "e1's delete was kept, and written with the next group");
+        assert_eq!(s.depth().ready.load(Ordering::Relaxed), 1);
         s.close().await;
     }
 

@@ -1,7 +1,7 @@
 //! The stored form of a pending delivery: a small versioned binary layout,
-//! length-prefixed fields, the payload last and uncopied on encode.
+//! length-prefixed fields, the payload last (copied once on encode).
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes};
 
 use crate::event::{Event, SourcePos};
 
@@ -61,9 +61,14 @@ impl Delivery {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = BytesMut::with_capacity(128 + self.payload.len());
+        let strings = [&self.webhook_id, &self.endpoint_id, &self.event_id, &self.event_type, &self.source.topic];
+        let text = strings.iter().map(|s| s.len()).sum::<usize>()
+            + self.last_error.len()
+            + self.dead_letter_reason.as_ref().map_or(0, String::len);
+        // Fixed-size fields and length prefixes: at most 76 bytes.
+        let mut b = Vec::with_capacity(80 + text + self.payload.len());
         b.put_u8(VERSION);
-        for s in [&self.webhook_id, &self.endpoint_id, &self.event_id, &self.event_type, &self.source.topic] {
+        for s in strings {
             put_str(&mut b, s);
         }
         b.put_i32(self.source.partition);
@@ -83,7 +88,7 @@ impl Delivery {
         }
         b.put_u32(self.payload.len() as u32);
         b.put_slice(&self.payload);
-        b.to_vec()
+        b
     }
 
     pub fn decode(raw: &[u8]) -> Result<Delivery, CorruptRecord> {
@@ -131,7 +136,7 @@ impl Delivery {
     }
 }
 
-fn put_str(b: &mut BytesMut, s: &str) {
+fn put_str(b: &mut Vec<u8>, s: &str) {
     b.put_u32(s.len() as u32);
     b.put_slice(s.as_bytes());
 }

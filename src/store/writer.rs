@@ -37,6 +37,10 @@ pub(super) enum Op {
         next: Next,
         reply: Reply<()>,
     },
+    /// A delivered delivery to forget, unanswered: kept by the writer until written.
+    Delivered {
+        ready_key: Vec<u8>,
+    },
     /// Due retries to their ready queues, each only if still waiting.
     Promote {
         due: Vec<DueItem>,
@@ -79,6 +83,9 @@ pub(super) struct Writer {
     sync_writes: bool,
     dedup_window_ms: i64,
     next_seq: u64,
+    /// Deletes of delivered deliveries whose write failed or was refused,
+    /// written with the next group that can be.
+    undelivered: Vec<Vec<u8>>,
 }
 
 /// The effects of one group, applied only if its batch commits.
@@ -93,6 +100,8 @@ struct Group {
     fed: Vec<ReadyItem>,
     unfed: HashSet<String>,
     wake_scheduler: bool,
+    /// `ready` keys of delivered deliveries this group deletes.
+    delivered: Vec<Vec<u8>>,
     ready_delta: i64,
     waiting_delta: i64,
     dedup_added: HashSet<String>,
@@ -125,6 +134,7 @@ impl Writer {
             sync_writes,
             dedup_window_ms,
             next_seq,
+            undelivered: Vec::new(),
         })
     }
 
@@ -167,20 +177,26 @@ impl Writer {
                 Ok(db) if !self.broken => db,
                 Ok(_) | Err(_) => {
                     for op in ops {
-                        closing |= refuse(op);
+                        match op {
+                            Op::Delivered { ready_key } => self.undelivered.push(ready_key),
+                            op => closing |= refuse(op),
+                        }
                     }
                     continue;
                 }
             };
             let mut g = Group::default();
             let seq_before = self.next_seq;
+            for ready_key in std::mem::take(&mut self.undelivered) {
+                self.apply(&db, Op::Delivered { ready_key }, &mut g);
+            }
             for op in ops {
                 match op {
                     Op::Close => closing = true,
                     op => self.apply(&db, op, &mut g),
                 }
             }
-            if g.replies.is_empty() {
+            if g.replies.is_empty() && g.delivered.is_empty() {
                 continue;
             }
             if self.next_seq != seq_before {
@@ -203,6 +219,7 @@ impl Writer {
                     self.broken = true;
                     metrics::counter!(m::STORE_WRITE_ERRORS).increment(1);
                     tracing::error!(error = %e, "store write failed; nothing of this batch was applied");
+                    self.undelivered.append(&mut g.delivered);
                     // Unless it reached the log after all: then the reopened
                     // store has ready deliveries no feed was given.
                     self.wake.all_behind();
@@ -225,6 +242,12 @@ impl Writer {
             for reply in g.replies {
                 reply(result.as_ref().map(|_| ()));
             }
+        }
+        if !self.undelivered.is_empty() {
+            tracing::warn!(
+                deliveries = self.undelivered.len(),
+                "store closed before it could record some deliveries as done; they will be delivered again"
+            );
         }
         tracing::debug!("store writer stopped");
     }
@@ -249,7 +272,6 @@ impl Writer {
                 g.batch.delete_cf(cf(db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
                 match next {
-                    Next::Done => {}
                     Next::Wait { due_ms, delivery, recall } => {
                         let due = due_ms.max(now_ms());
                         g.min_new_due = Some(g.min_new_due.map_or(due, |m| m.min(due)));
@@ -267,6 +289,11 @@ impl Writer {
                     }
                 }
                 g.replies.push(simple(reply));
+            }
+            Op::Delivered { ready_key } => {
+                g.batch.delete_cf(cf(db, CF_READY), &ready_key);
+                g.ready_delta -= 1;
+                g.delivered.push(ready_key);
             }
             Op::Promote { due, reply } => match self.promote(db, due, g) {
                 Ok(()) => g.replies.push(simple(reply)),
@@ -448,7 +475,7 @@ fn refuse(op: Op) -> bool {
             drop(reply.send(Err(err())))
         }
         Op::Recall { reply, .. } => drop(reply.send(Err(err()))),
-        Op::Quarantine { .. } => {}
+        Op::Quarantine { .. } | Op::Delivered { .. } => {}
         Op::Close => return true,
     }
     false
