@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::{Quota, RateLimiter};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -126,8 +126,7 @@ impl Deliverer {
                     duration_ms = tracing::field::Empty);
                 self.attempts.spawn(
                     async move {
-                        this.settle(ep, item).await;
-                        drop(permit);
+                        this.settle(ep, item, permit).await;
                     }
                     .instrument(span),
                 );
@@ -167,8 +166,10 @@ impl Deliverer {
         }
     }
 
-    /// Attempts one delivery (or finishes dead-lettering it) and records the result.
-    async fn settle(&self, ep: Arc<Endpoint>, item: ReadyItem) {
+    /// Attempts one delivery (or finishes dead-lettering it) and records the
+    /// result. The endpoint's in-flight `slot` is released once the result is
+    /// written: a delivered one's by the store's writer.
+    async fn settle(&self, ep: Arc<Endpoint>, item: ReadyItem, slot: OwnedSemaphorePermit) {
         let metrics = &ep.metrics;
         let ReadyItem { key, delivery: mut d, .. } = item;
         let next = if let Some(reason) = d.dead_letter_reason.take() {
@@ -229,9 +230,14 @@ impl Deliverer {
                     if ep.note_delivered() {
                         self.store.wakeups().endpoint(ep.id()).wake();
                     }
-                    // Not waited for: the writer keeps it until it is written.
-                    if let Err(e) = self.store.delivered(key).await {
-                        tracing::warn!(error = %e, "store closed: this delivery stays in the outbox and is delivered again");
+                    // Not waited for while the store is healthy: the writer
+                    // keeps it, and the slot, until it is written.
+                    let mut slot = Some(slot);
+                    while let Err(e) = self.store.delivered(key.clone(), &mut slot).await {
+                        tracing::error!(error = %e, "cannot record the delivery as done; retrying");
+                        if sleep_or_cancel(STORE_RETRY, &self.abort).await {
+                            return;
+                        }
                     }
                     return;
                 }

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 pub use feed::{Feed, PER_ENDPOINT as FEED_PER_ENDPOINT, Take};
 pub use record::{CorruptRecord, Delivery};
@@ -433,15 +433,30 @@ impl Store {
         self.call(|reply| Op::Intake { events, reply }).await
     }
 
-    /// Forgets a delivered delivery, without waiting for the write: returns
-    /// once the writer has it (an error only if the store is closed). The
-    /// writer deletes it with its next group, and if that write fails, with
-    /// the first that succeeds. Like every settlement it is not fsynced: a
-    /// crash before it reaches the disk means one more delivery, never none.
-    /// Operations are written in the order they are sent, so any later call
-    /// that answers finds it written.
-    pub async fn delivered(&self, ready_key: Vec<u8>) -> Result<(), StoreError> {
-        self.tx.send(Op::Delivered { ready_key }).await.map_err(|_| StoreError::Closed)
+    /// Forgets a delivered delivery. While the store is healthy, without
+    /// waiting for the write: it returns once the writer has it (an error
+    /// only if the store is closed), and the writer deletes it with its next
+    /// group or, if that write fails, with the first that succeeds, and only
+    /// then drops `slot` (taken from the caller): an in-flight slot stays
+    /// taken until its delivery is settled, so after a crash at most the
+    /// deliveries holding slots are repeated. After a failed write, until one
+    /// succeeds, it waits for the write like [`Store::finish`] and leaves
+    /// `slot` to the caller, who retries.
+    /// Like every settlement it is not fsynced: a crash before it reaches
+    /// the disk means one more delivery, never none. The writer takes
+    /// operations in the order they are sent: any later writer operation that
+    /// succeeds has written it too (reads may still see it before then).
+    pub async fn delivered(
+        &self,
+        ready_key: Vec<u8>,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<(), StoreError> {
+        if self.is_healthy() {
+            let op = Op::Delivered { ready_key, reply: None, slot: slot.take() };
+            self.tx.send(op).await.map_err(|_| StoreError::Closed)
+        } else {
+            self.call(|reply| Op::Delivered { ready_key, reply: Some(reply), slot: None }).await
+        }
     }
 
     /// Settles a ready delivery after an attempt that did not deliver it.
@@ -829,7 +844,7 @@ mod tests {
         let (items, _) = s.load_ready("a", None, 10).await.expect("load");
         let mut d = items[1].delivery.clone();
         d.attempts = 1;
-        s.delivered(items[0].key.clone()).await.expect("delivered");
+        s.delivered(items[0].key.clone(), &mut None).await.expect("delivered");
         s.finish(items[1].key.clone(), Next::Wait { due_ms: now_ms() - 10, delivery: d, recall: true })
             .await
             .expect("wait");
@@ -867,7 +882,7 @@ mod tests {
         {
             // The database taken out, as during a reopen: the writer refuses writes.
             let _swapping = s.db.slot.write().expect("slot");
-            s.delivered(items[0].key.clone()).await.expect("queued");
+            s.delivered(items[0].key.clone(), &mut None).await.expect("queued");
             // Answered after the writer took the delete (operations are taken in order).
             let refused = s.intake(Arc::new(vec![new_event("e2", &["a"])])).await;
             assert!(matches!(refused, Err(StoreError::Reopening)), "{refused:?}");
@@ -877,6 +892,27 @@ mod tests {
         let ids: Vec<&str> = items.iter().map(|i| i.delivery.event_id.as_str()).collect();
         assert_eq!(ids, ["e3"], "e1's delete was kept, and written with the next group");
         assert_eq!(s.depth().ready.load(Ordering::Relaxed), 1);
+        s.close().await;
+    }
+
+    #[tokio::test]
+    #[allow(clippy::await_holding_lock, reason = "the test holds the database's slot to make the writer refuse")]
+    async fn after_a_failed_write_a_delivered_delete_waits_for_its_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600));
+        s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
+        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
+        s.healthy.store(false, Ordering::Release); // as after a failed write
+        {
+            let _swapping = s.db.slot.write().expect("slot");
+            let refused = s.delivered(items[0].key.clone(), &mut None).await;
+            assert!(matches!(refused, Err(StoreError::Reopening)), "the caller hears it: {refused:?}");
+        }
+        s.delivered(items[0].key.clone(), &mut None).await.expect("written once the store is back");
+        assert!(s.is_healthy(), "a write succeeded");
+        let (left, _) = s.load_ready("a", None, 10).await.expect("load");
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(s.depth().ready.load(Ordering::Relaxed), 0);
         s.close().await;
     }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::{
     CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_PARKED, CF_READY, CF_WAITING, DbCell, Delivery, Depth, DueItem,
@@ -21,6 +21,9 @@ const MAX_GROUP: usize = 512;
 const META_SEQ: &[u8] = b"seq";
 /// After a failed write, how often the writer tries to reopen the database.
 const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+/// While deletes of delivered deliveries wait to be written (no caller will
+/// send anything for them), how often the writer looks again without an op.
+const UNDELIVERED_POLL: Duration = Duration::from_millis(100);
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// Sends an operation's answer once its group's write has succeeded or failed.
@@ -37,9 +40,13 @@ pub(super) enum Op {
         next: Next,
         reply: Reply<()>,
     },
-    /// A delivered delivery to forget, unanswered: kept by the writer until written.
+    /// A delivered delivery to forget. Unanswered (`reply: None`) while the
+    /// store is healthy: then the writer keeps it, and the endpoint's
+    /// in-flight `slot`, until it is written.
     Delivered {
         ready_key: Vec<u8>,
+        reply: Option<Reply<()>>,
+        slot: Option<OwnedSemaphorePermit>,
     },
     /// Due retries to their ready queues, each only if still waiting.
     Promote {
@@ -84,8 +91,8 @@ pub(super) struct Writer {
     dedup_window_ms: i64,
     next_seq: u64,
     /// Deletes of delivered deliveries whose write failed or was refused,
-    /// written with the next group that can be.
-    undelivered: Vec<Vec<u8>>,
+    /// written with the next group that can be (their slots held until then).
+    undelivered: Vec<Unanswered>,
 }
 
 /// The effects of one group, applied only if its batch commits.
@@ -100,8 +107,8 @@ struct Group {
     fed: Vec<ReadyItem>,
     unfed: HashSet<String>,
     wake_scheduler: bool,
-    /// `ready` keys of delivered deliveries this group deletes.
-    delivered: Vec<Vec<u8>>,
+    /// Unanswered deletes of delivered deliveries in this group.
+    delivered: Vec<Unanswered>,
     ready_delta: i64,
     waiting_delta: i64,
     dedup_added: HashSet<String>,
@@ -139,9 +146,10 @@ impl Writer {
     }
 
     /// Closes and reopens the database after a failed write, at most once per
-    /// [`REOPEN_INTERVAL`]; until it works, every operation is refused (and retried by its caller).
-    fn try_reopen(&mut self) {
-        if self.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_INTERVAL) {
+    /// [`REOPEN_INTERVAL`] unless `now`; until it works, every operation is
+    /// refused (and retried by its caller).
+    fn try_reopen(&mut self, now: bool) {
+        if !now && self.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_INTERVAL) {
             return;
         }
         self.last_reopen = Some(Instant::now());
@@ -160,10 +168,21 @@ impl Writer {
     pub(super) fn run(mut self) {
         let mut closing = false;
         while !closing {
-            let Some(first) = self.rx.blocking_recv() else {
-                break;
-            };
-            let mut ops = vec![first];
+            let mut ops = Vec::new();
+            if self.undelivered.is_empty() {
+                let Some(first) = self.rx.blocking_recv() else {
+                    break;
+                };
+                ops.push(first);
+            } else {
+                // Nobody waits on these deletes, so nobody will send an op to
+                // get them written: look again (and reopen) on a timer.
+                match self.rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(UNDELIVERED_POLL),
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            }
             while ops.len() < MAX_GROUP {
                 match self.rx.try_recv() {
                     Ok(op) => ops.push(op),
@@ -171,14 +190,18 @@ impl Writer {
                 }
             }
             if self.broken {
-                self.try_reopen();
+                // Closing: one more try at once, so kept deletes are not lost to the interval.
+                let close = ops.iter().any(|op| matches!(op, Op::Close));
+                self.try_reopen(close && !self.undelivered.is_empty());
             }
             let db = match self.db.get() {
                 Ok(db) if !self.broken => db,
                 Ok(_) | Err(_) => {
                     for op in ops {
                         match op {
-                            Op::Delivered { ready_key } => self.undelivered.push(ready_key),
+                            Op::Delivered { ready_key, reply: None, slot } => {
+                                self.undelivered.push(Unanswered { ready_key, slot })
+                            }
                             op => closing |= refuse(op),
                         }
                     }
@@ -187,8 +210,8 @@ impl Writer {
             };
             let mut g = Group::default();
             let seq_before = self.next_seq;
-            for ready_key in std::mem::take(&mut self.undelivered) {
-                self.apply(&db, Op::Delivered { ready_key }, &mut g);
+            for Unanswered { ready_key, slot } in std::mem::take(&mut self.undelivered) {
+                self.apply(&db, Op::Delivered { ready_key, reply: None, slot }, &mut g);
             }
             for op in ops {
                 match op {
@@ -242,6 +265,8 @@ impl Writer {
             for reply in g.replies {
                 reply(result.as_ref().map(|_| ()));
             }
+            // Written: the delivered deliveries' in-flight slots are free.
+            drop(g.delivered);
         }
         if !self.undelivered.is_empty() {
             tracing::warn!(
@@ -290,10 +315,13 @@ impl Writer {
                 }
                 g.replies.push(simple(reply));
             }
-            Op::Delivered { ready_key } => {
+            Op::Delivered { ready_key, reply, slot } => {
                 g.batch.delete_cf(cf(db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
-                g.delivered.push(ready_key);
+                match reply {
+                    Some(reply) => g.replies.push(simple(reply)),
+                    None => g.delivered.push(Unanswered { ready_key, slot }),
+                }
             }
             Op::Promote { due, reply } => match self.promote(db, due, g) {
                 Ok(()) => g.replies.push(simple(reply)),
@@ -465,17 +493,25 @@ impl Writer {
     }
 }
 
+/// A delivered delivery's delete that nobody waits for, with the in-flight
+/// slot it keeps taken until written (dropping it frees the slot).
+struct Unanswered {
+    ready_key: Vec<u8>,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
 /// Answers an operation that cannot be written now; true for `Close`.
 fn refuse(op: Op) -> bool {
     let err = || StoreError::Reopening;
     match op {
         Op::Intake { reply, .. } => drop(reply.send(Err(err()))),
         Op::Replay { reply, .. } => drop(reply.send(Err(err()))),
-        Op::Finish { reply, .. } | Op::Promote { reply, .. } | Op::EndpointState { reply, .. } => {
-            drop(reply.send(Err(err())))
-        }
+        Op::Finish { reply, .. }
+        | Op::Promote { reply, .. }
+        | Op::EndpointState { reply, .. }
+        | Op::Delivered { reply: Some(reply), .. } => drop(reply.send(Err(err()))),
         Op::Recall { reply, .. } => drop(reply.send(Err(err()))),
-        Op::Quarantine { .. } | Op::Delivered { .. } => {}
+        Op::Quarantine { .. } | Op::Delivered { reply: None, .. } => {}
         Op::Close => return true,
     }
     false
