@@ -872,13 +872,19 @@ mod tests {
         s.close().await;
     }
 
+    /// A store holding one ready delivery, of event `e1` to endpoint `a`.
+    async fn one_ready(dir: &Path) -> (Store, Vec<ReadyItem>) {
+        let s = open(dir, Duration::from_secs(3600));
+        s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
+        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
+        (s, items)
+    }
+
     #[tokio::test]
     #[allow(clippy::await_holding_lock, reason = "the test holds the database's slot to make the writer refuse")]
     async fn a_delivered_delete_refused_while_reopening_is_written_with_the_next_group() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = open(dir.path(), Duration::from_secs(3600));
-        s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
-        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
+        let (s, items) = one_ready(dir.path()).await;
         {
             // The database taken out, as during a reopen: the writer refuses writes.
             let _swapping = s.db.slot.write().expect("slot");
@@ -899,9 +905,7 @@ mod tests {
     #[allow(clippy::await_holding_lock, reason = "the test holds the database's slot to make the writer refuse")]
     async fn after_a_failed_write_a_delivered_delete_waits_for_its_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = open(dir.path(), Duration::from_secs(3600));
-        s.intake(Arc::new(vec![new_event("e1", &["a"])])).await.expect("intake");
-        let (items, _) = s.load_ready("a", None, 10).await.expect("load");
+        let (s, items) = one_ready(dir.path()).await;
         s.healthy.store(false, Ordering::Release); // as after a failed write
         {
             let _swapping = s.db.slot.write().expect("slot");

@@ -248,7 +248,6 @@ impl EndpointMetrics {
     }
 }
 
-/// The [`ENDPOINTS`] gauge of a state.
 /// jemalloc's figures for [`ALLOCATOR`], as (kind, bytes). Any program that
 /// links this crate allocates through jemalloc, C and C++ code included (it
 /// overrides `malloc`), so they cover the whole heap. jemalloc caches them
@@ -266,6 +265,7 @@ pub fn refresh_allocator() {
     }
 }
 
+/// The [`ENDPOINTS`] gauge of a state.
 pub fn endpoints_in_state(enabled: bool) -> Gauge {
     metrics::gauge!(ENDPOINTS, "state" => if enabled { "enabled" } else { "disabled" })
 }
