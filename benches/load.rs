@@ -31,7 +31,11 @@
 //! Every loop is bounded in count and time; all traffic stays on 127.0.0.1.
 //! The last line is machine-readable:
 //! `RESULT broker=… endpoints=… events=… events_per_s=… ceiling_per_s=… ratio=… p50_ms=… p99_ms=… max_ms=…
-//! broker_p50_ms=… broker_p99_ms=… rss_mib=… cpu_s=…[ parked=… park_s=… parked_rss_mib=… park_peak_rss_mib=… drain_s=…]`.
+//! broker_p50_ms=… broker_p99_ms=… paced_rto=… rss_mib=… cpu_s=…[ parked=… park_s=… parked_rss_mib=… park_peak_rss_mib=… drain_s=…]`.
+//! `paced_rto` counts TCP retransmission timeouts on this machine during the
+//! half-rate phase: each is a stall of 200 ms or more on some connection,
+//! which is the kernel's (a dropped loopback packet), not webhookd's. Each
+//! phase also prints the kernel's TCP trouble counters (`NetTrouble`).
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -231,6 +235,70 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks: u64 =
         f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
     ticks as f64 / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// The kernel's TCP trouble counters (this network namespace, so every
+/// loopback connection here: webhookd's, the broker's, the benchmark's).
+/// A packet dropped on loopback is retransmitted after TCP's minimum
+/// retransmission timeout, 200 ms on Linux, and a SYN dropped from a full
+/// listen queue after 1 s: such stalls show in the latency figures, and
+/// these counters tell them apart from webhookd's own.
+#[derive(Clone, Copy, Default)]
+struct NetTrouble {
+    /// Packets dropped from the kernel's per-CPU input queue
+    /// (`/proc/net/softnet_stat`; its size is `net.core.netdev_max_backlog`).
+    backlog_drops: u64,
+    /// Connection attempts dropped because a listen queue was full.
+    listen_drops: u64,
+    /// Retransmission timeouts that fired (SYNs included).
+    rto: u64,
+    /// Segments sent again.
+    retransmitted: u64,
+    /// Connections the receiver accepted.
+    accepted: u64,
+}
+
+impl NetTrouble {
+    fn now(rx: &Receiver) -> NetTrouble {
+        /// `name` in /proc/net/{netstat,snmp}, where a line of names under a
+        /// prefix ("TcpExt:") is followed by a line of values.
+        fn counter(file: &str, prefix: &str, name: &str) -> u64 {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let mut rows = text.lines().filter(|l| l.starts_with(prefix));
+            let (Some(names), Some(values)) = (rows.next(), rows.next()) else { return 0 };
+            let at = names.split_whitespace().position(|n| n == name);
+            at.and_then(|i| values.split_whitespace().nth(i)?.parse().ok()).unwrap_or(0)
+        }
+        let softnet = std::fs::read_to_string("/proc/net/softnet_stat").unwrap_or_default();
+        NetTrouble {
+            backlog_drops: softnet
+                .lines()
+                .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+                .sum(),
+            listen_drops: counter("/proc/net/netstat", "TcpExt:", "ListenDrops"),
+            rto: counter("/proc/net/netstat", "TcpExt:", "TCPTimeouts"),
+            retransmitted: counter("/proc/net/snmp", "Tcp:", "RetransSegs"),
+            accepted: rx.connections.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What happened since `self`, as one line.
+    fn since(self, rx: &Receiver, phase: &str) -> NetTrouble {
+        let n = NetTrouble::now(rx);
+        let d = NetTrouble {
+            backlog_drops: n.backlog_drops - self.backlog_drops,
+            listen_drops: n.listen_drops - self.listen_drops,
+            rto: n.rto - self.rto,
+            retransmitted: n.retransmitted - self.retransmitted,
+            accepted: n.accepted - self.accepted,
+        };
+        println!(
+            "  TCP during {phase}: receiver accepted {} connections; {} input-queue drops, {} listen drops, \
+             {} retransmission timeouts, {} segments retransmitted",
+            d.accepted, d.backlog_drops, d.listen_drops, d.rto, d.retransmitted
+        );
+        d
+    }
 }
 
 impl Webhookd {
@@ -539,6 +607,8 @@ struct Outcome {
     floor_p99_ms: f64,
     rss_mib: f64,
     cpu_s: f64,
+    /// TCP retransmission timeouts during the half-rate phase.
+    paced_rto: u64,
 }
 
 async fn run_once(a: &Args, broker: &str) -> Outcome {
@@ -553,6 +623,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
 
     // 1. Max rate.
     rx.reset(false);
+    let net = NetTrouble::now(&rx);
     let broker_cpu = || kafka.pid().map_or(0.0, cpu_seconds);
     let (cpu0, broker_cpu0, own_cpu0, wall0) =
         (cpu_seconds(w.pid()), broker_cpu(), cpu_seconds(std::process::id()), Instant::now());
@@ -570,14 +641,17 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
         kafka.pid().map_or("in this process".into(), |_| format!("{:.1} s", broker_cpu() - broker_cpu0)),
         cpu_seconds(std::process::id()) - own_cpu0,
     );
+    net.since(&rx, "the max-rate phase");
 
     // 2. Half rate: latency.
     rx.reset(true);
+    let net = NetTrouble::now(&rx);
     let half = events_per_s / 2.0;
     let paced = ((half * PACED_FOR.as_secs_f64()) as usize).max(100);
     let produced = produce(&p, &topic, &run, a.events..a.events + paced, a.endpoints, Some(half));
     let (_, all) = tokio::join!(produced, rx.wait_for(paced as u64));
     assert!(all, "paced phase: only {} of {paced} delivered", rx.count.load(Ordering::Acquire));
+    let paced_net = net.since(&rx, "the half-rate phase");
     let mut lat = rx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
     lat.sort_unstable();
     let parked = if a.park > 0 {
@@ -599,7 +673,9 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     let rss_mib = w.stop();
 
     // 3. The broker's own latency at the same rate, webhookd stopped.
+    let net = NetTrouble::now(&rx);
     let floor = broker_floor(a, &kafka, &bootstrap, &p, &run, half, paced).await;
+    net.since(&rx, "the broker-alone phase");
 
     // 4. Ceiling: one client for all passes, so its pool is warm; a first
     // pass opens the connections (a burst of 1,024 connects stalled some
@@ -607,11 +683,17 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     // five (a single pass swings by ±30 % here).
     let concurrency = (a.endpoints * a.in_flight).min(1024);
     let client: Pooled = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(concurrency).build_http();
+    let net = NetTrouble::now(&rx);
     let warm_up = ceiling(&client, receiver, &rx, a.events, concurrency, a.endpoints).await;
+    let net = {
+        net.since(&rx, "the ceiling's warm-up pass");
+        NetTrouble::now(&rx)
+    };
     let mut ceilings = Vec::new();
     for _ in 0..CEILING_RUNS {
         ceilings.push(ceiling(&client, receiver, &rx, a.events, concurrency, a.endpoints).await);
     }
+    net.since(&rx, "the ceiling's passes");
     ceilings.sort_by(f64::total_cmp);
     let ceiling_per_s = ceilings[CEILING_RUNS / 2];
     println!(
@@ -640,6 +722,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
         rss_mib,
         cpu_s,
         parked,
+        paced_rto: paced_net.rto,
     }
 }
 
@@ -668,7 +751,7 @@ fn main() {
             )
         });
         println!(
-            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_p50_ms={:.2} broker_p99_ms={:.2} rss_mib={:.0} cpu_s={:.1}{park}",
+            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_p50_ms={:.2} broker_p99_ms={:.2} paced_rto={} rss_mib={:.0} cpu_s={:.1}{park}",
             a.endpoints,
             a.events,
             o.events_per_s,
@@ -679,6 +762,7 @@ fn main() {
             o.max_ms,
             o.floor_p50_ms,
             o.floor_p99_ms,
+            o.paced_rto,
             o.rss_mib,
             o.cpu_s
         );

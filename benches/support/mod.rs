@@ -34,6 +34,8 @@ pub struct Receiver {
     last: Mutex<Option<Instant>>,
     /// The status to answer with (0: 200).
     pub status: std::sync::atomic::AtomicU16,
+    /// Connections accepted so far.
+    pub connections: AtomicU64,
 }
 
 pub fn sent_us(body: &[u8]) -> Option<u64> {
@@ -45,12 +47,21 @@ pub fn sent_us(body: &[u8]) -> Option<u64> {
 impl Receiver {
     pub async fn start() -> (Arc<Receiver>, SocketAddr) {
         let rx = Arc::new(Receiver::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        // A listen queue of 4,096 (the kernel caps it at net.core.somaxconn)
+        // rather than tokio's 1,024: a client opening its pool's 1,600
+        // connections at once overflowed the smaller one. A full queue drops
+        // the handshake's last ACK: the client, connected as far as it knows,
+        // sends its request, and TCP sends it again only after 200 ms (a SYN
+        // dropped there waits a second).
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let listener = socket.listen(4096).expect("listen");
         let addr = listener.local_addr().expect("addr");
         let state = rx.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                state.connections.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 tokio::spawn(async move {
