@@ -378,6 +378,74 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// webhookd's attempts so far, from its `/metrics` (every endpoint's series
+/// summed): all of them, and those that took longer than 100 and 250 ms.
+#[derive(Clone, Copy, Default)]
+struct Attempts {
+    all: f64,
+    within_100ms: f64,
+    within_250ms: f64,
+}
+
+impl Attempts {
+    async fn now(addr: SocketAddr) -> Attempts {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut text = Vec::new();
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+            let _ = s.read_to_end(&mut text).await;
+        }
+        let mut a = Attempts::default();
+        for line in String::from_utf8_lossy(&text).lines() {
+            let Some(rest) = line.strip_prefix("webhookd_attempt_duration_seconds_bucket{") else { continue };
+            let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+            if rest.contains("le=\"+Inf\"") {
+                a.all += value;
+            } else if rest.contains("le=\"0.1\"") {
+                a.within_100ms += value;
+            } else if rest.contains("le=\"0.25\"") {
+                a.within_250ms += value;
+            }
+        }
+        a
+    }
+
+    /// Prints the attempts since `before`: a stall between webhookd and the
+    /// receiver shows here, one before the attempt (Kafka, the store) not.
+    fn since(self, before: Attempts) {
+        let all = self.all - before.all;
+        println!(
+            "  webhookd's attempts during the half-rate phase: {all:.0}, of which {:.0} took over 100 ms and {:.0} over 250 ms",
+            all - (self.within_100ms - before.within_100ms),
+            all - (self.within_250ms - before.within_250ms),
+        );
+    }
+}
+
+/// When the events slower than 150 ms were sent. A pause of the whole
+/// pipeline delays every event sent within it, so they are many and sent
+/// within a span about as long as the pause; a stalled connection delays only
+/// the few it carries.
+fn slow_events(samples: &[(u64, u64)]) {
+    const SLOW_US: u64 = 150_000;
+    let Some(start) = samples.iter().map(|&(sent, _)| sent).min() else { return };
+    let slow: Vec<(u64, u64)> = samples.iter().copied().filter(|&(_, l)| l > SLOW_US).collect();
+    let (Some(first), Some(last)) = (slow.iter().map(|&(s, _)| s).min(), slow.iter().map(|&(s, _)| s).max()) else {
+        println!("  no event took over 150 ms");
+        return;
+    };
+    let (worst_sent, worst) = slow.iter().copied().max_by_key(|&(_, l)| l).unwrap_or_default();
+    println!(
+        "  {} events took over 150 ms ({:.2} %), sent from {:.0} to {:.0} ms into the phase; the slowest, {:.0} ms, sent at {:.0} ms",
+        slow.len(),
+        100.0 * slow.len() as f64 / samples.len() as f64,
+        (first - start) as f64 / 1000.0,
+        (last - start) as f64 / 1000.0,
+        worst as f64 / 1000.0,
+        (worst_sent - start) as f64 / 1000.0,
+    );
+}
+
 /// Figures of the park-and-drain phase.
 struct Parked {
     events: usize,
@@ -646,13 +714,17 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     // 2. Half rate: latency.
     rx.reset(true);
     let net = NetTrouble::now(&rx);
+    let attempts0 = Attempts::now(w.admin).await;
     let half = events_per_s / 2.0;
     let paced = ((half * PACED_FOR.as_secs_f64()) as usize).max(100);
     let produced = produce(&p, &topic, &run, a.events..a.events + paced, a.endpoints, Some(half));
     let (_, all) = tokio::join!(produced, rx.wait_for(paced as u64));
     assert!(all, "paced phase: only {} of {paced} delivered", rx.count.load(Ordering::Acquire));
     let paced_net = net.since(&rx, "the half-rate phase");
-    let mut lat = rx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Attempts::now(w.admin).await.since(attempts0);
+    let samples = rx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    slow_events(&samples);
+    let mut lat: Vec<u64> = samples.iter().map(|&(_, l)| l).collect();
     lat.sort_unstable();
     let parked = if a.park > 0 {
         let pk = park_and_drain(a, &p, &topic, &run, a.events + paced, &rx, &w).await;

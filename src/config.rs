@@ -140,6 +140,10 @@ pub struct DeliveryConfig {
     pub shutdown_grace: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Requests in flight to one host (scheme, host, port) at once, and so
+    /// its connections: HTTP/1.1 carries one request at a time. `None`: only
+    /// the endpoints' own `max_in_flight` bound them.
+    pub max_connections_per_host: Option<NonZeroUsize>,
     pub max_in_flight: NonZeroUsize,
     /// Networks deliveries may reach even though the SSRF guard refuses them by default.
     pub allow_networks: Vec<IpNet>,
@@ -357,6 +361,7 @@ impl Config {
             pool_idle_timeout: r.positive_duration("delivery.pool_idle_timeout", Duration::from_secs(90)),
             // 0 until the endpoints are read: then, unless set, enough for the busiest host.
             pool_max_idle_per_host: r.get("delivery.pool_max_idle_per_host", 0),
+            max_connections_per_host: NonZeroUsize::new(r.get("delivery.max_connections_per_host", 0)),
             max_in_flight: r.get("delivery.max_in_flight", nz_usize(16)),
             allow_networks: r.networks("delivery.allow_networks"),
             deny_networks: r.networks("delivery.deny_networks"),
@@ -385,7 +390,9 @@ impl Config {
         let endpoints = (0..count).map(|i| Self::read_endpoint(r, i, &delivery, &policy)).collect::<Vec<_>>();
         let mut delivery = delivery;
         if r.lookup("delivery.pool_max_idle_per_host").is_none() {
-            delivery.pool_max_idle_per_host = busiest_host_in_flight(&endpoints).max(MIN_IDLE_PER_HOST);
+            let busiest = busiest_host_in_flight(&endpoints).max(MIN_IDLE_PER_HOST);
+            delivery.pool_max_idle_per_host =
+                delivery.max_connections_per_host.map_or(busiest, |cap| busiest.min(cap.get()));
         }
         let mut ids = HashSet::new();
         for (i, e) in endpoints.iter().enumerate() {
@@ -1043,7 +1050,10 @@ mod tests {
         };
         let pool = |toml: &str| Config::from_toml_str(toml, Vec::new()).expect("valid").delivery.pool_max_idle_per_host;
         assert_eq!(pool(""), 64, "at least 64");
-        assert_eq!(pool(&(endpoints(100, "a.example") + &endpoints(3, "b.example"))), 1600, "100 × 16 on a.example");
+        let two_hosts = endpoints(100, "a.example") + &endpoints(3, "b.example");
+        assert_eq!(pool(&two_hosts), 1600, "100 × 16 on a.example");
+        let host_cap = format!("[delivery]\nmax_connections_per_host = 512\n{two_hosts}");
+        assert_eq!(pool(&host_cap), 512, "no more idle connections than a host may have");
         let capped = format!("[delivery]\npool_max_idle_per_host = 8\n{}", endpoints(100, "a.example"));
         assert_eq!(pool(&capped), 8, "an explicit value wins");
     }

@@ -21,12 +21,14 @@ pub fn unix_us() -> u64 {
 }
 
 /// Answers 200 at once; counts requests and, while `recording`, keeps each
-/// produce→receive latency (from the body's `"sent":<unix µs>`).
+/// produce→receive latency (from the body's `"sent":<unix µs>`), with the
+/// send time it is for.
 #[derive(Default)]
 pub struct Receiver {
     pub count: AtomicU64,
     pub recording: AtomicBool,
-    pub latencies_us: Mutex<Vec<u64>>,
+    /// (sent, latency) in µs.
+    pub latencies_us: Mutex<Vec<(u64, u64)>>,
     first: Mutex<Option<Instant>>,
     /// Set to the request count to wake on, 0 for none.
     target: AtomicU64,
@@ -91,7 +93,7 @@ impl Receiver {
             && let Some(sent) = sent_us(body)
         {
             let lat = unix_us().saturating_sub(sent);
-            self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(lat);
+            self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push((sent, lat));
         }
         let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
         self.first.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(now);

@@ -43,6 +43,8 @@ pub const OUTBOX_READY: &str = "webhookd_outbox_ready_deliveries";
 pub const OUTBOX_WAITING: &str = "webhookd_outbox_waiting_deliveries";
 /// Attempts that had to wait for the endpoint's rate limit; label `endpoint`.
 pub const RATE_LIMITED: &str = "webhookd_rate_limited_total";
+/// Attempts that waited for a place under `delivery.max_connections_per_host`.
+pub const HOST_WAITS: &str = "webhookd_host_connection_waits_total";
 /// Attempts under way; label `endpoint`.
 pub const IN_FLIGHT: &str = "webhookd_in_flight_requests";
 /// 1 when an endpoint is enabled, 0 when disabled; label `endpoint`.
@@ -106,6 +108,11 @@ fn describe() {
     describe_gauge!(OUTBOX_READY, Unit::Count, "Deliveries due now.");
     describe_gauge!(OUTBOX_WAITING, Unit::Count, "Deliveries waiting in the retry schedule.");
     describe_counter!(RATE_LIMITED, Unit::Count, "Attempts delayed by the endpoint's rate limit.");
+    describe_counter!(
+        HOST_WAITS,
+        Unit::Count,
+        "Attempts that waited for a place under delivery.max_connections_per_host."
+    );
     describe_gauge!(IN_FLIGHT, Unit::Count, "Delivery attempts under way.");
     describe_gauge!(ENDPOINT_ENABLED, Unit::Count, "1 if the endpoint is enabled, 0 if disabled.");
     describe_gauge!(ENDPOINTS, Unit::Count, "Configured endpoints by state (enabled, disabled).");
@@ -168,7 +175,14 @@ pub fn install() -> PrometheusHandle {
 /// exported (at 0) before anything happens: `rate()` and alerts see a
 /// counter from its start instead of from its first increment.
 fn start_at_zero() {
-    for name in [EVENTS_CONSUMED, EVENTS_DUPLICATE, DEAD_LETTERS_REPLAYED, STORE_WRITE_ERRORS, STORE_CORRUPT_RECORDS] {
+    for name in [
+        EVENTS_CONSUMED,
+        EVENTS_DUPLICATE,
+        DEAD_LETTERS_REPLAYED,
+        STORE_WRITE_ERRORS,
+        STORE_CORRUPT_RECORDS,
+        HOST_WAITS,
+    ] {
         metrics::counter!(name).increment(0);
     }
     for reason in crate::event::InvalidEvent::REASONS {

@@ -282,6 +282,37 @@ async fn the_rate_limit_holds_at_the_receiver() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_on_one_host_share_its_connection_cap() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("hostcap", 2).await;
+    // Each request takes 100 ms, so it occupies [arrival, arrival + 100 ms):
+    // the next request on its connection can only arrive after that.
+    let hold = Duration::from_millis(100);
+    let rx = Receiver::start(move |_: &Hit| Reply { status: 200, delay: hold, retry_after: None }).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Four endpoints on one host, up to 16 requests in flight between them, capped at 3.
+    let eps: String =
+        (0..4).map(|i| endpoint(&format!("h{i}"), &rx.url(&format!("/h{i}")), "max_in_flight = 4")).collect();
+    let toml = config(&kafka, &topic, dir.path(), FAST_RETRY, &eps)
+        .replace("[delivery]\n", "[delivery]\nmax_connections_per_host = 3\n");
+    let d = Daemon::start(&toml).await;
+    // Every event goes to all four endpoints.
+    for i in 0..8 {
+        kafka.produce(&topic, None, &event(&format!("evt_hc_{i}"), "ContactCreate")).await;
+    }
+    let n = 32;
+    let hits = rx.wait_for(n).await;
+    let mut at: Vec<_> = hits.iter().map(|h| h.at).collect();
+    at.sort();
+    let most = (0..at.len()).map(|i| at[i..].iter().take_while(|t| **t - at[i] < hold).count()).max().unwrap_or(0);
+    println!("{n} requests to 4 endpoints on one host: at most {most} in flight at once");
+    assert!(most <= 3, "{most} requests in flight to one host, capped at 3");
+    assert_eq!(most, 3, "the cap was never reached: the test shows nothing");
+    assert!(d.metric("webhookd_host_connection_waits_total").await > 0.0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_endpoint_does_not_slow_a_fast_one() {
     let kafka = Kafka::start();
     let topic = kafka.topic("isolation", 1).await;
