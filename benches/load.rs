@@ -367,14 +367,23 @@ impl Webhookd {
     }
 }
 
+/// The whole HTTP response to `GET path` on webhookd's admin listener
+/// (empty if it cannot be read).
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await
+        && s.write_all(request.as_bytes()).await.is_ok()
+    {
+        let _ = s.read_to_end(&mut buf).await;
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// One unlabelled series of webhookd's `/metrics`.
 async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf);
+    let text = admin_get(addr, "/metrics").await;
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
@@ -389,14 +398,8 @@ struct Attempts {
 
 impl Attempts {
     async fn now(addr: SocketAddr) -> Attempts {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut text = Vec::new();
-        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
-            let _ = s.read_to_end(&mut text).await;
-        }
         let mut a = Attempts::default();
-        for line in String::from_utf8_lossy(&text).lines() {
+        for line in admin_get(addr, "/metrics").await.lines() {
             let Some(rest) = line.strip_prefix("webhookd_attempt_duration_seconds_bucket{") else { continue };
             let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
             if rest.contains("le=\"+Inf\"") {
@@ -497,12 +500,7 @@ async fn park_and_drain(
 }
 
 async fn readyz(addr: SocketAddr) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
+    admin_get(addr, "/readyz").await.split(' ').nth(1)?.parse().ok()
 }
 
 // ---------------------------------------------------------------- load
