@@ -226,6 +226,21 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
 }
 
+/// Writes out the page cache's dirty data before the measured phases. The
+/// kernel writes back data left dirty for 30 s (`vm.dirty_expire_centisecs`)
+/// in one burst, and the release binaries cargo has just linked are ~0.5 GB:
+/// on this machine's disk that burst held every fdatasync behind it for
+/// ~200 ms, and webhookd's synced store write with them, which showed as a
+/// p99 of ~220 ms in about one run in six started right after a build
+/// (README, Performance). The benchmark measures webhookd, not that.
+fn settle_writeback() {
+    let t = Instant::now();
+    match Command::new("sync").status() {
+        Ok(s) if s.success() => println!("wrote out dirty page cache first (sync, {} ms)", t.elapsed().as_millis()),
+        other => println!("warning: sync failed ({other:?}); writeback of earlier writes may land in the measurements"),
+    }
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -713,6 +728,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = Webhookd::start(a, dir.path(), &bootstrap, &topic, receiver).await;
     let p = producer(&bootstrap);
+    settle_writeback();
 
     // 1. Max rate.
     rx.reset(false);

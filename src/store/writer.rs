@@ -93,6 +93,7 @@ pub(super) struct Writer {
     /// Deletes of delivered deliveries whose write failed or was refused,
     /// written with the next group that can be (their slots held until then).
     undelivered: Vec<Unanswered>,
+    write_duration: metrics::Histogram,
 }
 
 /// The effects of one group, applied only if its batch commits.
@@ -142,6 +143,7 @@ impl Writer {
             dedup_window_ms,
             next_seq,
             undelivered: Vec::new(),
+            write_duration: metrics::histogram!(m::STORE_WRITE_DURATION),
         })
     }
 
@@ -227,7 +229,9 @@ impl Writer {
             }
             let mut wo = WriteOptions::default();
             wo.set_sync(g.sync);
+            let started = Instant::now();
             let result = db.write_opt(g.batch, &wo).map_err(StoreError::from);
+            self.write_duration.record(started.elapsed());
             drop(db);
             match &result {
                 Ok(()) => {

@@ -67,6 +67,10 @@ pub const STORE_MEMORY: &str = "webhookd_store_memory_bytes";
 pub const ALLOCATOR: &str = "webhookd_allocator_bytes";
 /// Offset commits; label `result` (ok, error).
 pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
+/// Duration of each store write: one group of operations (intake, outcomes,
+/// retries) committed in one RocksDB write batch, the fdatasync included when
+/// `store.sync_writes` is on. Every event and every outcome waits for one.
+pub const STORE_WRITE_DURATION: &str = "webhookd_store_write_duration_seconds";
 /// Failed RocksDB writes.
 pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";
 /// Stored records that could not be decoded and were quarantined.
@@ -79,6 +83,9 @@ const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 pub const OTHER_ENDPOINTS: &str = "_other";
 
 const ATTEMPT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// From 100 µs (a synced write on a fast local disk) to 2.5 s (a disk in trouble).
+const STORE_WRITE_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 /// From milliseconds (a healthy pipeline) to a day (the default retry span).
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
@@ -126,6 +133,11 @@ fn describe() {
         "The heap (jemalloc): allocated (live) and resident (held by the allocator)."
     );
     describe_counter!(OFFSET_COMMITS, Unit::Count, "Kafka offset commits by result.");
+    describe_histogram!(
+        STORE_WRITE_DURATION,
+        Unit::Seconds,
+        "Duration of each store write batch, the fdatasync included when store.sync_writes is on."
+    );
     describe_counter!(STORE_WRITE_ERRORS, Unit::Count, "RocksDB write batches that failed.");
     describe_counter!(
         STORE_CORRUPT_RECORDS,
@@ -143,6 +155,8 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(ATTEMPT_DURATION.to_owned()), ATTEMPT_BUCKETS)
                 .expect("buckets are non-empty")
                 .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.to_owned()), LATENCY_BUCKETS)
+                .expect("buckets are non-empty")
+                .set_buckets_for_metric(Matcher::Full(STORE_WRITE_DURATION.to_owned()), STORE_WRITE_BUCKETS)
                 .expect("buckets are non-empty")
                 .build_recorder();
             let handle = recorder.handle();

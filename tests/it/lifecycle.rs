@@ -256,12 +256,16 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
         "webhookd_events_consumed_total",
         "webhookd_deliveries_total",
         "webhookd_attempt_duration_seconds",
+        "webhookd_store_write_duration_seconds",
         "webhookd_outbox_ready_deliveries",
         "webhookd_endpoint_enabled",
     ] {
         assert!(text.contains(&format!("# HELP {name} ")), "{name} is not described:\n{text}");
     }
     assert_eq!(metric_value(&text, "webhookd_attempt_duration_seconds_count{endpoint=\"a\"}"), 1.0);
+    // At least the event's intake and its delivery's outcome, each a write.
+    assert!(metric_value(&text, "webhookd_store_write_duration_seconds_count") >= 2.0, "{text}");
+    assert!(metric_value(&text, "webhookd_store_write_duration_seconds_sum") > 0.0, "{text}");
     assert_eq!(metric_value(&text, "webhookd_outbox_ready_deliveries"), 0.0);
     d.stop().await;
 }
