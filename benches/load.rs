@@ -231,8 +231,8 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
 /// in one burst, and the release binaries cargo has just linked are ~0.5 GB:
 /// on this machine's disk that burst held every fdatasync behind it for
 /// ~200 ms, and webhookd's synced store write with them, which showed as a
-/// p99 of ~220 ms in about one run in six started right after a build
-/// (README, Performance). The benchmark measures webhookd, not that.
+/// p99 of 200-250 ms in runs whose half-rate phase came 30-35 s after a
+/// build (README, Performance). The benchmark measures webhookd, not that.
 fn settle_writeback() {
     let t = Instant::now();
     match Command::new("sync").status() {

@@ -69,7 +69,7 @@ pub const ALLOCATOR: &str = "webhookd_allocator_bytes";
 pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
 /// Duration of each store write: one group of operations (intake, outcomes,
 /// retries) committed in one RocksDB write batch, the fdatasync included when
-/// `store.sync_writes` is on. Every event and every outcome waits for one.
+/// `store.sync_writes` is on. Every event waits for one.
 pub const STORE_WRITE_DURATION: &str = "webhookd_store_write_duration_seconds";
 /// Failed RocksDB writes.
 pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";
