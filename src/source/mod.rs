@@ -182,18 +182,6 @@ impl ConsumerContext for ConsumerCtx {
             tracing::info!(partitions = tpl.count(), "partitions assigned");
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        record_commit(&result);
-        if result.is_ok() {
-            let mut o = lock(&self.offsets);
-            for e in offsets.elements() {
-                if let Offset::Offset(off) = e.offset() {
-                    o.committed(&(e.topic().to_owned(), e.partition()), off);
-                }
-            }
-        }
-    }
 }
 
 fn record_commit(result: &KafkaResult<()>) {
@@ -342,8 +330,10 @@ impl Source {
     /// The periodic commit: synchronous (so its result is known and counted)
     /// on the blocking pool, so the consumer loop never waits for the
     /// coordinator; a tick while the last commit is still out is skipped.
-    /// (Asynchronous commits' results never reached the commit callback with
-    /// the stream consumer, so they went uncounted.)
+    /// (librdkafka hands a manual commit's result only to its caller: with
+    /// rust-rdkafka's event API a context's commit callback sees automatic
+    /// commits alone, which webhookd turns off. Asynchronous commits went
+    /// uncounted.)
     fn commit_in_background(&self) {
         if self.committing.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
