@@ -252,31 +252,33 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0 // USER_HZ is 100 on Linux
 }
 
-/// Runs `phase` while reading `pid`'s CPU time once a second: the CPU
-/// seconds it used in each whole second of the phase (none without a pid).
-async fn cpu_each_second<T>(pid: Option<u32>, phase: impl std::future::Future<Output = T>) -> (T, Vec<f64>) {
-    let Some(pid) = pid else { return (phase.await, Vec::new()) };
+/// Runs `phase` while reading the broker process's CPU time once a second,
+/// then prints the CPU seconds it used in each whole second of `name`
+/// (nothing without a pid: the mock broker runs in this process).
+async fn print_broker_cpu_each_second<T>(
+    pid: Option<u32>,
+    name: &str,
+    phase: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(pid) = pid else { return phase.await };
     let mut phase = std::pin::pin!(phase);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await; // The first tick is at once.
     let (mut last, mut each) = (cpu_seconds(pid), Vec::new());
-    loop {
+    let out = loop {
         tokio::select! {
-            out = &mut phase => return (out, each),
+            out = &mut phase => break out,
             _ = tick.tick() => {
                 let now = cpu_seconds(pid);
-                each.push(now - last);
+                each.push(format!("{:.2}", now - last));
                 last = now;
             }
         }
-    }
-}
-
-fn print_broker_cpu(each: &[f64], phase: &str) {
+    };
     if !each.is_empty() {
-        let s: Vec<String> = each.iter().map(|c| format!("{c:.2}")).collect();
-        println!("  broker CPU in each second of {phase}: {} s", s.join(" "));
+        println!("  broker CPU in each second of {name}: {} s", each.join(" "));
     }
+    out
 }
 
 /// The kernel's TCP trouble counters (this network namespace, so every
@@ -759,11 +761,12 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     let half = events_per_s / 2.0;
     let paced = ((half * PACED_FOR.as_secs_f64()) as usize).max(100);
     let produced = produce(&p, &topic, &run, a.events..a.events + paced, a.endpoints, Some(half));
-    let ((_, all), broker_each) =
-        cpu_each_second(kafka.pid(), async { tokio::join!(produced, rx.wait_for(paced as u64)) }).await;
+    let (_, all) = print_broker_cpu_each_second(kafka.pid(), "the half-rate phase", async {
+        tokio::join!(produced, rx.wait_for(paced as u64))
+    })
+    .await;
     assert!(all, "paced phase: only {} of {paced} delivered", rx.count.load(Ordering::Acquire));
     let paced_net = net.since(&rx, "the half-rate phase");
-    print_broker_cpu(&broker_each, "the half-rate phase");
     Attempts::now(w.admin).await.since(attempts0);
     let samples = rx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
     slow_events(&samples);
@@ -789,10 +792,13 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
 
     // 3. The broker's own latency at the same rate, webhookd stopped.
     let net = NetTrouble::now(&rx);
-    let (floor, broker_each) =
-        cpu_each_second(kafka.pid(), broker_floor(a, &kafka, &bootstrap, &p, &run, half, paced)).await;
+    let floor = print_broker_cpu_each_second(
+        kafka.pid(),
+        "the broker-alone phase",
+        broker_floor(a, &kafka, &bootstrap, &p, &run, half, paced),
+    )
+    .await;
     net.since(&rx, "the broker-alone phase");
-    print_broker_cpu(&broker_each, "the broker-alone phase");
 
     // 4. Ceiling: one client for all passes, so its pool is warm; a first
     // pass opens the connections (a burst of 1,024 connects stalled some
