@@ -335,6 +335,13 @@ impl DbCell {
 const MEMTABLES_TOTAL: usize = 16 << 20;
 const MEMTABLE_PER_FAMILY: usize = 8 << 20;
 const BLOCK_CACHE: usize = 8 << 20;
+/// The write-ahead logs' bound. A log file is deleted only once every column
+/// family has flushed what it holds, and `meta` (one key per write) and
+/// `dedup` rarely fill a memtable: they kept 19 logs (152 MB) alive in one
+/// load run, and RocksDB's own bound, 4 × every family's most memtables,
+/// would be 448 MiB here. Past this one RocksDB flushes the families that pin
+/// the oldest log: 4 × the memtables' real bound.
+pub(crate) const MAX_TOTAL_WAL: u64 = 4 * MEMTABLES_TOTAL as u64;
 /// The dedup filter's bits per key (10: about 1 % false positives).
 const DEDUP_FILTER_BITS_PER_KEY: f64 = 10.0;
 
@@ -345,6 +352,7 @@ fn open_db(path: &Path, window_ms: i64) -> Result<DB, StoreError> {
     db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     db_opts.set_keep_log_file_num(4);
     db_opts.set_db_write_buffer_size(MEMTABLES_TOTAL);
+    db_opts.set_max_total_wal_size(MAX_TOTAL_WAL);
     let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(&cache);
@@ -676,6 +684,25 @@ impl Store {
             .iter()
             .map(|name| db.property_int_value_cf(cf(&db, name), "rocksdb.total-sst-files-size").ok().flatten());
         Some(sizes.map(Option::unwrap_or_default).sum())
+    }
+
+    /// Bytes of write-ahead log files (RocksDB's `NNNNNN.log` in the store's
+    /// directory; its info log is `LOG`). None if the directory cannot be read.
+    pub fn wal_bytes(&self) -> Option<u64> {
+        let mut total = 0;
+        for entry in std::fs::read_dir(&self.db.path).ok()? {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name();
+            let is_wal = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .is_some_and(|stem| !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_digit()));
+            if is_wal {
+                // A log deleted since the listing counts as nothing.
+                total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        Some(total)
     }
 
     /// RocksDB's memory by kind: memtables, table readers (index and filter
@@ -1141,6 +1168,48 @@ mod tests {
         assert_eq!(s.recall("b", 10).await.expect("recall"), (0, false));
         assert_eq!(s.raw().iterator_cf(cf(&s.raw(), CF_PARKED), IteratorMode::Start).count(), 0, "index emptied");
         assert_eq!((s.depth().ready.load(Ordering::Relaxed), s.depth().waiting.load(Ordering::Relaxed)), (6, 0));
+        s.close().await;
+    }
+
+    /// An outbox that churns at full speed (deliveries taken in and done, as
+    /// in a long catch-up) keeps its write-ahead logs under the bound, even
+    /// though `meta` and `dedup` are written by every batch and seldom flushed.
+    #[tokio::test]
+    async fn write_ahead_logs_stay_bounded_while_the_outbox_churns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes: false })
+            .expect("open");
+        let payload = Bytes::from(vec![b'x'; 16 << 10]);
+        let (mut written, mut peak, mut cursor) = (0u64, 0u64, None);
+        for batch in 0..300 {
+            let events = (0..64)
+                .map(|i| {
+                    let ev = crate::event::Event {
+                        id: format!("e{batch}-{i}"),
+                        event_type: "T".into(),
+                        location_id: None,
+                        time_ms: 0,
+                        payload: payload.clone(),
+                        source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
+                    };
+                    NewEvent { event_id: ev.id.clone(), deliveries: vec![Delivery::new(&ev, "a")] }
+                })
+                .collect();
+            s.intake(Arc::new(events)).await.expect("intake");
+            written += 64 * payload.len() as u64;
+            let (items, _) = s.load_ready("a", cursor, 64).await.expect("load");
+            assert_eq!(items.len(), 64);
+            cursor = items.last().map(|i| i.seq);
+            for item in items {
+                s.delivered(item.key, &mut None).await.expect("delivered");
+            }
+            peak = peak.max(s.wal_bytes().expect("the store's directory"));
+        }
+        assert!(written > 4 * MAX_TOTAL_WAL, "the test writes several bounds' worth: {written}");
+        // A log is deleted once the flush it triggered is done: allow one memtables' worth over.
+        let allowed = MAX_TOTAL_WAL + MEMTABLES_TOTAL as u64;
+        assert!(peak <= allowed, "write-ahead logs peaked at {peak} bytes, over {allowed}");
+        assert!(peak > 0, "the logs were measured");
         s.close().await;
     }
 

@@ -109,6 +109,9 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     if let Some(size) = s.store.size_bytes() {
         ::metrics::gauge!(m::STORE_SIZE).set(size as f64);
     }
+    if let Some(size) = s.store.wal_bytes() {
+        ::metrics::gauge!(m::STORE_WAL).set(size as f64);
+    }
     for (kind, bytes) in s.store.memory_bytes().into_iter().flatten() {
         ::metrics::gauge!(m::STORE_MEMORY, "kind" => kind).set(bytes as f64);
     }

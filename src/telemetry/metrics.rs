@@ -58,6 +58,8 @@ pub const CONSUMER_LAG: &str = "webhookd_consumer_lag_messages";
 pub const PARTITIONS_ASSIGNED: &str = "webhookd_partitions_assigned";
 /// RocksDB's SST files across column families (the write-ahead log excluded).
 pub const STORE_SIZE: &str = "webhookd_store_size_bytes";
+/// RocksDB's write-ahead log files (bounded by `store::MAX_TOTAL_WAL`).
+pub const STORE_WAL: &str = "webhookd_store_wal_bytes";
 /// RocksDB's memory; label `kind` (memtables, table_readers, block_cache).
 pub const STORE_MEMORY: &str = "webhookd_store_memory_bytes";
 /// The heap, by the binary's allocator (jemalloc, which serves RocksDB and
@@ -126,6 +128,7 @@ fn describe() {
     describe_gauge!(CONSUMER_LAG, Unit::Count, "Messages past the committed offset of each owned partition.");
     describe_gauge!(PARTITIONS_ASSIGNED, Unit::Count, "Source partitions assigned to this instance.");
     describe_gauge!(STORE_SIZE, Unit::Bytes, "Size of RocksDB's SST files, all column families.");
+    describe_gauge!(STORE_WAL, Unit::Bytes, "Size of RocksDB's write-ahead log files.");
     describe_gauge!(STORE_MEMORY, Unit::Bytes, "RocksDB's memory: memtables, table readers, block cache.");
     describe_gauge!(
         ALLOCATOR,
@@ -212,7 +215,7 @@ fn start_at_zero() {
     for state in [true, false] {
         endpoints_in_state(state).increment(0.0);
     }
-    for gauge in [READY, OUTBOX_READY, OUTBOX_WAITING, PARTITIONS_ASSIGNED, STORE_SIZE] {
+    for gauge in [READY, OUTBOX_READY, OUTBOX_WAITING, PARTITIONS_ASSIGNED, STORE_SIZE, STORE_WAL] {
         metrics::gauge!(gauge).increment(0.0);
     }
     for kind in ["memtables", "table_readers", "block_cache"] {

@@ -257,6 +257,7 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
         "webhookd_deliveries_total",
         "webhookd_attempt_duration_seconds",
         "webhookd_store_write_duration_seconds",
+        "webhookd_store_wal_bytes",
         "webhookd_outbox_ready_deliveries",
         "webhookd_endpoint_enabled",
     ] {
@@ -266,6 +267,8 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     // At least the event's intake and its delivery's outcome, each a write.
     assert!(metric_value(&text, "webhookd_store_write_duration_seconds_count") >= 2.0, "{text}");
     assert!(metric_value(&text, "webhookd_store_write_duration_seconds_sum") > 0.0, "{text}");
+    // The event and its outcome are in the log until their families flush.
+    assert!(metric_value(&text, "webhookd_store_wal_bytes") > 0.0, "{text}");
     assert_eq!(metric_value(&text, "webhookd_outbox_ready_deliveries"), 0.0);
     d.stop().await;
 }
