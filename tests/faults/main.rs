@@ -11,3 +11,6 @@ mod crash;
 mod helpers;
 mod hostile;
 mod outage;
+#[allow(dead_code)] // shared with benches/load.rs, which uses other parts
+#[path = "../support/tansu.rs"]
+mod tansu;

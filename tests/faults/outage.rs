@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::bed::*;
-use crate::helpers::{Kafka, http_get};
+use crate::helpers::{Kafka, free_port, http_get};
 
 fn events(prefix: &str, range: std::ops::Range<usize>) -> (HashSet<String>, Vec<Vec<u8>>) {
     let ids: Vec<String> = range.clone().map(|i| format!("{prefix}_{i}")).collect();
@@ -39,7 +39,7 @@ async fn readyz_within(w: &Webhookd, want: u16, within: Duration) -> Option<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_keeps_the_outbox_flowing_and_recovers_without_help() {
     // This one needs a broker it can stop: always a tansu process.
-    let mut tansu = Tansu::start().await;
+    let mut tansu = Tansu::start(free_port()).await;
     let kafka = Kafka::connect(&tansu.bootstrap);
     let topic = kafka.topic("outage", 4).await;
     let a = Ledger::ok().await;
