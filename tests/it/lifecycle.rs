@@ -269,6 +269,9 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     assert!(metric_value(&text, "webhookd_store_write_duration_seconds_sum") > 0.0, "{text}");
     // The event and its outcome are in the log until their families flush.
     assert!(metric_value(&text, "webhookd_store_wal_bytes") > 0.0, "{text}");
+    // RocksDB's memtables hold the event and its outcome (no SST file yet,
+    // so table readers and the block cache may still be empty).
+    assert!(metric_value(&text, "webhookd_store_memory_bytes{kind=\"memtables\"}") > 0.0, "{text}");
     assert_eq!(metric_value(&text, "webhookd_outbox_ready_deliveries"), 0.0);
     d.stop().await;
 }
