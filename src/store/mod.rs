@@ -822,12 +822,16 @@ mod tests {
     use bytes::Bytes;
 
     pub(super) fn delivery(event: &str, endpoint: &str) -> Delivery {
+        delivery_of(event, endpoint, Bytes::from_static(b"{}"))
+    }
+
+    fn delivery_of(event: &str, endpoint: &str, payload: Bytes) -> Delivery {
         let ev = crate::event::Event {
             id: event.into(),
             event_type: "T".into(),
             location_id: None,
             time_ms: 0,
-            payload: Bytes::from_static(b"{}"),
+            payload,
             source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
         };
         Delivery::new(&ev, endpoint)
@@ -1193,15 +1197,8 @@ mod tests {
         for batch in 0..300 {
             let events = (0..64)
                 .map(|i| {
-                    let ev = crate::event::Event {
-                        id: format!("e{batch}-{i}"),
-                        event_type: "T".into(),
-                        location_id: None,
-                        time_ms: 0,
-                        payload: payload.clone(),
-                        source: SourcePos { topic: "t".into(), partition: 0, offset: 0 },
-                    };
-                    NewEvent { event_id: ev.id.clone(), deliveries: vec![Delivery::new(&ev, "a")] }
+                    let id = format!("e{batch}-{i}");
+                    NewEvent { deliveries: vec![delivery_of(&id, "a", payload.clone())], event_id: id }
                 })
                 .collect();
             s.intake(Arc::new(events)).await.expect("intake");
