@@ -394,8 +394,24 @@ async fn admin_get(addr: SocketAddr, path: &str) -> String {
 
 /// One unlabelled series of webhookd's `/metrics`.
 async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let text = admin_get(addr, "/metrics").await;
+    series(&admin_get(addr, "/metrics").await, name)
+}
+
+/// One unlabelled series in a `/metrics` text.
+fn series(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// How often webhookd's consumer has waited for the outbox's ready queue to
+/// drain (`store::IntakeGate`), and for how long in all, from its `/metrics`.
+async fn intake_waits(addr: SocketAddr) -> (f64, f64) {
+    let text = admin_get(addr, "/metrics").await;
+    let value = |name| series(&text, name).unwrap_or(0.0);
+    (value("webhookd_intake_wait_seconds_count"), value("webhookd_intake_wait_seconds_sum"))
+}
+
+fn print_intake_waits(phase: &str, (n, s): (f64, f64), (n0, s0): (f64, f64)) {
+    println!("  webhookd's consumer waited for the outbox {:.0} times in {phase}, {:.2} s in all", n - n0, s - s0);
 }
 
 /// webhookd's attempts so far, from its `/metrics` (every endpoint's series
@@ -720,6 +736,8 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
         cpu_seconds(std::process::id()) - own_cpu0,
     );
     net.since(&rx, "the max-rate phase");
+    let waits = intake_waits(w.admin).await;
+    print_intake_waits("the max-rate phase", waits, (0.0, 0.0));
 
     // 2. Half rate: latency.
     rx.reset(true);
@@ -735,6 +753,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     assert!(all, "paced phase: only {} of {paced} delivered", rx.count.load(Ordering::Acquire));
     let paced_net = net.since(&rx, "the half-rate phase");
     Attempts::now(w.admin).await.since(attempts0);
+    print_intake_waits("the half-rate phase", intake_waits(w.admin).await, waits);
     let samples = rx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
     slow_events(&samples);
     let mut lat: Vec<u64> = samples.iter().map(|&(_, l)| l).collect();

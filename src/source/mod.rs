@@ -31,7 +31,7 @@ use crate::dead_letter::{self, DeadLetters};
 use crate::deliver::sleep_or_cancel;
 use crate::event::{self, Event, InvalidEvent, RawMessage, SourcePos};
 use crate::route::Registry;
-use crate::store::{Delivery, Intake, NewEvent, Store, now_ms};
+use crate::store::{Delivery, Intake, IntakeGate, NewEvent, Store, now_ms};
 use crate::telemetry::admin::Health;
 use crate::telemetry::metrics as m;
 use offsets::{Offsets, Tp};
@@ -223,6 +223,7 @@ pub struct Source {
     health: Arc<Health>,
     /// A periodic commit is under way.
     committing: Arc<std::sync::atomic::AtomicBool>,
+    gate: IntakeGate,
 }
 
 impl Source {
@@ -255,6 +256,7 @@ impl Source {
             consumer: Arc::new(consumer),
             offsets,
             committing: Arc::default(),
+            gate: store.intake_gate(),
             store,
             registry,
             dead_letters,
@@ -415,6 +417,10 @@ impl Source {
     ) {
         if batch.is_empty() {
             return;
+        }
+        let waited = self.gate.admit(shutdown).await;
+        if !waited.is_zero() {
+            metrics::histogram!(m::INTAKE_WAIT).record(waited.as_secs_f64());
         }
         let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         let table = self.registry.snapshot();

@@ -20,12 +20,13 @@
 //! ever runs on an async worker thread.
 
 mod feed;
+mod gate;
 mod record;
 mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, Read
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 pub use feed::{Feed, PER_ENDPOINT as FEED_PER_ENDPOINT, Take};
+pub use gate::IntakeGate;
 pub use record::{CorruptRecord, Delivery};
 use writer::{Op, Writer};
 
@@ -277,6 +279,24 @@ impl DeadQuery {
 pub struct Depth {
     pub ready: AtomicI64,
     pub waiting: AtomicI64,
+    /// Ready deliveries finished so far: delivered, scheduled for retry or
+    /// dead-lettered.
+    finished: AtomicU64,
+    /// Woken when `ready` falls below the intake gate's threshold.
+    room: Notify,
+}
+
+impl Depth {
+    /// Applies a committed batch's changes; returns the new (ready, waiting).
+    fn committed(&self, ready_delta: i64, waiting_delta: i64, finished: u64) -> (i64, i64) {
+        self.finished.fetch_add(finished, Ordering::AcqRel);
+        let before = self.ready.fetch_add(ready_delta, Ordering::AcqRel);
+        let ready = before + ready_delta;
+        if before >= gate::HIGH && ready < gate::HIGH {
+            self.room.notify_waiters();
+        }
+        (ready, self.waiting.fetch_add(waiting_delta, Ordering::AcqRel) + waiting_delta)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -453,6 +473,11 @@ impl Store {
     }
     pub fn depth(&self) -> &Arc<Depth> {
         &self.depth
+    }
+
+    /// Where the consumer waits while the ready queue drains ([`IntakeGate`]).
+    pub fn intake_gate(&self) -> IntakeGate {
+        IntakeGate::new(self.depth.clone())
     }
     /// False after a write failed, until one succeeds again.
     pub fn is_healthy(&self) -> bool {

@@ -112,6 +112,8 @@ struct Group {
     delivered: Vec<Unanswered>,
     ready_delta: i64,
     waiting_delta: i64,
+    /// Ready deliveries this group finishes (delivered, retried, dead).
+    finished: u64,
     dedup_added: HashSet<String>,
     /// Dead letters and waiting retries this group already moves to a ready
     /// queue (a second replay, promotion or recall finds none).
@@ -236,8 +238,7 @@ impl Writer {
             match &result {
                 Ok(()) => {
                     self.healthy.store(true, Ordering::Release);
-                    let ready = self.depth.ready.fetch_add(g.ready_delta, Ordering::AcqRel) + g.ready_delta;
-                    let waiting = self.depth.waiting.fetch_add(g.waiting_delta, Ordering::AcqRel) + g.waiting_delta;
+                    let (ready, waiting) = self.depth.committed(g.ready_delta, g.waiting_delta, g.finished);
                     metrics::gauge!(m::OUTBOX_READY).set(ready as f64);
                     metrics::gauge!(m::OUTBOX_WAITING).set(waiting as f64);
                 }
@@ -300,6 +301,7 @@ impl Writer {
             Op::Finish { ready_key, next, reply } => {
                 g.batch.delete_cf(cf(db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
+                g.finished += 1;
                 match next {
                     Next::Wait { due_ms, delivery, recall } => {
                         let due = due_ms.max(now_ms());
@@ -322,6 +324,7 @@ impl Writer {
             Op::Delivered { ready_key, reply, slot } => {
                 g.batch.delete_cf(cf(db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
+                g.finished += 1;
                 match reply {
                     Some(reply) => g.replies.push(simple(reply)),
                     None => g.delivered.push(Unanswered { ready_key, slot }),

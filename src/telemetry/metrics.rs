@@ -73,6 +73,10 @@ pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
 /// retries) committed in one RocksDB write batch, the fdatasync included when
 /// `store.sync_writes` is on. Every event waits for one.
 pub const STORE_WRITE_DURATION: &str = "webhookd_store_write_duration_seconds";
+/// Each time the consumer waited for the endpoint workers to take the
+/// deliveries already handed to them (`store::IntakeGate`): the machine is
+/// behind, and more intake would only wait in the store.
+pub const INTAKE_WAIT: &str = "webhookd_intake_wait_seconds";
 /// Failed RocksDB writes.
 pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";
 /// Stored records that could not be decoded and were quarantined.
@@ -92,6 +96,8 @@ const STORE_WRITE_BUCKETS: &[f64] =
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
 ];
+/// From a millisecond to `store::feed::MAX_PAUSE`, the longest wait.
+const INTAKE_WAIT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5];
 
 fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which webhookd this is.");
@@ -141,6 +147,11 @@ fn describe() {
         Unit::Seconds,
         "Duration of each store write batch, the fdatasync included when store.sync_writes is on."
     );
+    describe_histogram!(
+        INTAKE_WAIT,
+        Unit::Seconds,
+        "Each wait of the consumer for the endpoint workers to take the deliveries handed to them."
+    );
     describe_counter!(STORE_WRITE_ERRORS, Unit::Count, "RocksDB write batches that failed.");
     describe_counter!(
         STORE_CORRUPT_RECORDS,
@@ -160,6 +171,8 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.to_owned()), LATENCY_BUCKETS)
                 .expect("buckets are non-empty")
                 .set_buckets_for_metric(Matcher::Full(STORE_WRITE_DURATION.to_owned()), STORE_WRITE_BUCKETS)
+                .expect("buckets are non-empty")
+                .set_buckets_for_metric(Matcher::Full(INTAKE_WAIT.to_owned()), INTAKE_WAIT_BUCKETS)
                 .expect("buckets are non-empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -221,6 +234,8 @@ fn start_at_zero() {
     for kind in ["memtables", "table_readers", "block_cache"] {
         metrics::gauge!(STORE_MEMORY, "kind" => kind).increment(0.0);
     }
+    // Exported with a count of 0 until the first wait, which may never come.
+    let _ = metrics::histogram!(INTAKE_WAIT);
 }
 
 /// The `outcome` label values of [`DELIVERIES`].

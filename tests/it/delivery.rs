@@ -332,3 +332,47 @@ async fn a_slow_endpoint_does_not_slow_a_fast_one() {
     assert!(slow_done < n / 2, "the slow endpoint was not slow ({slow_done}); the test proves nothing");
     d.stop().await;
 }
+
+/// The consumer waits while the outbox holds 4,096 ready deliveries or more
+/// that the workers finish fast (store::IntakeGate). Slow endpoints holding
+/// that many must not make it wait: here ten endpoints that answer nothing
+/// hold 5,000, and a fast endpoint's events must still go out at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_endpoints_holding_a_large_backlog_do_not_hold_intake() {
+    let kafka = Kafka::start();
+    let topic = kafka.topic("intake-gate", 1).await;
+    let slow =
+        Receiver::start(|_: &Hit| Reply { status: 200, delay: Duration::from_secs(30), retry_after: None }).await;
+    let fast = Receiver::start(Receiver::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (slow_endpoints, per_slow) = (10, 500);
+    let mut eps: String = (0..slow_endpoints)
+        .map(|i| {
+            endpoint(&format!("slow{i}"), &slow.url("/"), &format!("event_types = [\"Slow{i}\"]\nmax_in_flight = 1"))
+        })
+        .collect();
+    eps += &endpoint("fast", &fast.url("/"), "event_types = [\"Fast\"]");
+    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &eps)).await;
+    let backlog: Vec<Vec<u8>> = (0..slow_endpoints * per_slow)
+        .map(|n| event(&format!("evt_gate_slow_{n}"), &format!("Slow{}", n % slow_endpoints)))
+        .collect();
+    kafka.produce_all(&topic, &backlog).await;
+    // All committed to the store, and so handed to the slow endpoints' feeds.
+    eventually("the slow endpoints' backlog in the outbox", || async {
+        d.metric("webhookd_outbox_ready_deliveries").await >= backlog.len() as f64
+    })
+    .await;
+    let n = 50;
+    let fast_events: Vec<Vec<u8>> = (0..n).map(|i| event(&format!("evt_gate_fast_{i}"), "Fast")).collect();
+    kafka.produce_all(&topic, &fast_events).await;
+    fast.wait_for(n).await;
+    let slow_hits = slow.hits().len();
+    let waits = d.metric("webhookd_intake_wait_seconds_count").await;
+    let waited = d.metric("webhookd_intake_wait_seconds_sum").await;
+    println!(
+        "fast endpoint received all {n}; slow endpoints had {slow_hits} requests; intake waited {waits} times, {waited:.3} s in all"
+    );
+    assert!(waits >= 1.0, "intake never found the feeds holding the threshold: the test proves nothing");
+    assert!(waited < 0.2, "intake waited {waited:.3} s for endpoints that take nothing");
+    d.stop().await;
+}
