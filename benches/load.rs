@@ -4,14 +4,18 @@
 //! hyper client at the same concurrency.
 //!
 //!   ./scripts/load-bench [--events N] [--endpoints E] [--broker tansu|mock|both] [--in-flight K]
-//!                        [--kafka key=value]... [--env NAME=value]... [--park N]
+//!                        [--kafka key=value]... [--env NAME=value]... [--park N] [--stuck S]
 //!
 //! The broker is a tansu process by default. librdkafka's in-process mock
 //! cluster (`--broker mock`) works, but has been seen to stall under sustained
 //! load (producer and commits hanging), so it is not the default.
 //!
 //! Each event (~1 KiB) goes to exactly one of the E endpoints (by
-//! `locationId`), so events/s = deliveries/s. Phases:
+//! `locationId`), so events/s = deliveries/s. With `--stuck S`, S more
+//! endpoints (in-flight cap 1) point at a listener that never answers, and
+//! 500 events each wait in the outbox for them before the phases start: what
+//! slow endpoints holding backpressure's threshold (4,096 ready) cost the
+//! others. Phases:
 //! 1. **max rate**: N events produced as fast as the producer goes while
 //!    webhookd runs; delivered events/s from the first delivery to the N-th.
 //! 2. **half rate**: events produced at half that rate for a few seconds;
@@ -31,7 +35,7 @@
 //! Every loop is bounded in count and time; all traffic stays on 127.0.0.1.
 //! The last line is machine-readable:
 //! `RESULT broker=… endpoints=… events=… events_per_s=… ceiling_per_s=… ratio=… p50_ms=… p99_ms=… max_ms=…
-//! broker_p50_ms=… broker_p99_ms=… paced_rto=… rss_mib=… cpu_s=…[ parked=… park_s=… parked_rss_mib=… park_peak_rss_mib=… drain_s=…]`.
+//! broker_p50_ms=… broker_p99_ms=… paced_rto=… rss_mib=… cpu_s=…[ stuck=…][ parked=… park_s=… parked_rss_mib=… park_peak_rss_mib=… drain_s=…]`.
 //! `paced_rto` counts TCP retransmission timeouts on this machine during the
 //! half-rate phase: each is a stall of 200 ms or more on some connection,
 //! which is the kernel's (a dropped loopback packet), not webhookd's. Each
@@ -83,7 +87,12 @@ struct Args {
     env: Vec<(String, String)>,
     /// Events to park (receiver answering 503), then drain (`--park N`); 0: skip.
     park: usize,
+    /// Endpoints that never answer, each holding [`STUCK_EACH`] ready deliveries (`--stuck S`).
+    stuck: usize,
 }
+
+/// Events waiting for each endpoint that never answers (`--stuck`).
+const STUCK_EACH: usize = 500;
 
 fn args() -> Args {
     let mut a = Args {
@@ -94,6 +103,7 @@ fn args() -> Args {
         kafka: Vec::new(),
         env: Vec::new(),
         park: 0,
+        stuck: 0,
         bin: std::env::var("WEBHOOKD_TEST_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/webhookd")),
@@ -104,6 +114,7 @@ fn args() -> Args {
         match flag.as_str() {
             "--events" => a.events = value().parse().expect("--events: a number"),
             "--park" => a.park = value().parse().expect("--park: a number"),
+            "--stuck" => a.stuck = value().parse().expect("--stuck: a number"),
             "--endpoints" => a.endpoints = value().parse().expect("--endpoints: a number"),
             "--in-flight" => a.in_flight = value().parse().expect("--in-flight: a number"),
             "--broker" => {
@@ -313,7 +324,14 @@ impl NetTrouble {
 }
 
 impl Webhookd {
-    async fn start(a: &Args, dir: &Path, bootstrap: &str, topic: &str, receiver: SocketAddr) -> Webhookd {
+    async fn start(
+        a: &Args,
+        dir: &Path,
+        bootstrap: &str,
+        topic: &str,
+        receiver: SocketAddr,
+        stuck: SocketAddr,
+    ) -> Webhookd {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut toml = format!(
             "[source]\nbrokers = [\"{bootstrap}\"]\ntopics = [\"{topic}\"]\ngroup_id = \"{topic}-g\"\n\
@@ -327,6 +345,12 @@ impl Webhookd {
                 "[[endpoints]]\nid = \"e{i}\"\nurl = \"http://{receiver}/e{i}\"\nsecrets = [\"{SECRET}\"]\n\
                  location_ids = [\"loc_{i}\"]\nrate_limit = {{ per_second = 1000000 }}\nmax_in_flight = {}\n",
                 a.in_flight
+            ));
+        }
+        for i in 0..a.stuck {
+            toml.push_str(&format!(
+                "[[endpoints]]\nid = \"s{i}\"\nurl = \"http://{stuck}/s{i}\"\nsecrets = [\"{SECRET}\"]\n\
+                 location_ids = [\"stuck_{i}\"]\nmax_in_flight = 1\n"
             ));
         }
         let path = dir.join("webhookd.toml");
@@ -504,7 +528,7 @@ async fn park_and_drain(
     // "5" resets the process's peak RSS (VmHWM), so this phase's own peak can be read at its end.
     std::fs::write(format!("/proc/{}/clear_refs", w.pid()), "5").expect("reset webhookd's peak RSS");
     let start = Instant::now();
-    produce(p, topic, run, first..first + a.park, a.endpoints, None).await;
+    produce(p, topic, run, first..first + a.park, (a.endpoints, "loc"), None).await;
     let deadline = Instant::now() + PHASE_LIMIT;
     while metric(w.admin, "webhookd_outbox_waiting_deliveries").await.unwrap_or(0.0) < a.park as f64 {
         assert!(Instant::now() < deadline, "the parked deliveries did not all reach the retry schedule in time");
@@ -526,15 +550,31 @@ async fn park_and_drain(
     Parked { events: a.park, park_s, rss_mib, peak_rss_mib, drain_s }
 }
 
+/// A listener that takes requests and never answers them: each connection is
+/// read until webhookd gives up on it (its attempt budget) and closes it.
+async fn stuck_listener() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the stuck listener");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut conn, &mut tokio::io::sink()).await;
+            });
+        }
+    });
+    addr
+}
+
 async fn readyz(addr: SocketAddr) -> Option<u16> {
     admin_get(addr, "/readyz").await.split(' ').nth(1)?.parse().ok()
 }
 
 // ---------------------------------------------------------------- load
 
-fn event(run: &str, n: usize, endpoints: usize, pad: &str) -> Vec<u8> {
+/// Event `n` of a run, for endpoint `n % endpoints` (location `{loc}_{i}`).
+fn event(run: &str, n: usize, endpoints: usize, loc: &str, pad: &str) -> Vec<u8> {
     format!(
-        r#"{{"id":"evt_{run}_{n}","sent":{},"type":"ContactCreate","locationId":"loc_{}","data":{{"id":"c{n}","email":"jane@example.com","tags":["lead"],"notes":"{pad}"}}}}"#,
+        r#"{{"id":"evt_{run}_{n}","sent":{},"type":"ContactCreate","locationId":"{loc}_{}","data":{{"id":"c{n}","email":"jane@example.com","tags":["lead"],"notes":"{pad}"}}}}"#,
         unix_us(),
         n % endpoints
     )
@@ -551,13 +591,14 @@ fn producer(bootstrap: &str) -> FutureProducer {
         .expect("producer")
 }
 
-/// Produces events `from..to`; `per_second` paces them (None: as fast as it goes).
+/// Produces events `from..to` to the endpoints at locations `{loc}_{i}`;
+/// `per_second` paces them (None: as fast as it goes).
 async fn produce(
     p: &FutureProducer,
     topic: &str,
     run: &str,
     range: std::ops::Range<usize>,
-    endpoints: usize,
+    (endpoints, loc): (usize, &str),
     per_second: Option<f64>,
 ) {
     let pad = "x".repeat(860);
@@ -570,7 +611,7 @@ async fn produce(
                 tokio::time::sleep(wait).await;
             }
         }
-        let body = event(run, n, endpoints, &pad);
+        let body = event(run, n, endpoints, loc, &pad);
         let key = n.to_string();
         match p.send_result(FutureRecord::to(topic).key(&key).payload(&body)) {
             Ok(f) => pending.push(f),
@@ -628,7 +669,7 @@ async fn broker_floor(
     }
     consumer.assign(&tpl).expect("assign");
     // Warm up: one event there and back, so connection and fetch set-up are not measured.
-    produce(p, &topic, run, 0..1, 1, None).await;
+    produce(p, &topic, run, 0..1, (1, "loc"), None).await;
     tokio::time::timeout(PHASE_LIMIT, consumer.recv()).await.expect("warm-up in time").expect("warm-up event");
     let consume = async {
         let mut lat = Vec::with_capacity(n);
@@ -640,7 +681,7 @@ async fn broker_floor(
         lat
     };
     let (_, lat) = tokio::join!(
-        produce(p, &topic, run, 1..n + 1, a.endpoints, Some(rate)),
+        produce(p, &topic, run, 1..n + 1, (a.endpoints, "loc"), Some(rate)),
         tokio::time::timeout(PHASE_LIMIT, consume)
     );
     let mut lat = lat.expect("the broker floor phase finished in time");
@@ -660,7 +701,7 @@ async fn ceiling(
     endpoints: usize,
 ) -> f64 {
     rx.reset(false);
-    let body = Bytes::from(event("ceiling", 0, 1, &"x".repeat(860)));
+    let body = Bytes::from(event("ceiling", 0, 1, "loc", &"x".repeat(860)));
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -711,8 +752,19 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     create_topics(&kafka, &bootstrap, &topic).await;
     let (rx, receiver) = Receiver::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let w = Webhookd::start(a, dir.path(), &bootstrap, &topic, receiver).await;
+    let stuck = stuck_listener().await;
+    let w = Webhookd::start(a, dir.path(), &bootstrap, &topic, receiver, stuck).await;
     let p = producer(&bootstrap);
+    if a.stuck > 0 {
+        let held = a.stuck * STUCK_EACH;
+        produce(&p, &topic, &format!("{run}s"), 0..held, (a.stuck, "stuck"), None).await;
+        let deadline = Instant::now() + PHASE_LIMIT;
+        while metric(w.admin, "webhookd_outbox_ready_deliveries").await.unwrap_or(0.0) < held as f64 {
+            assert!(Instant::now() < deadline, "the stuck endpoints' {held} deliveries not in the outbox");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!("{} endpoints that never answer hold {held} ready deliveries", a.stuck);
+    }
     settle_writeback();
 
     // 1. Max rate.
@@ -721,7 +773,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     let broker_cpu = || kafka.pid().map_or(0.0, cpu_seconds);
     let (cpu0, broker_cpu0, own_cpu0, wall0) =
         (cpu_seconds(w.pid()), broker_cpu(), cpu_seconds(std::process::id()), Instant::now());
-    let produced = produce(&p, &topic, &run, 0..a.events, a.endpoints, None);
+    let produced = produce(&p, &topic, &run, 0..a.events, (a.endpoints, "loc"), None);
     let (_, all) = tokio::join!(produced, rx.wait_for(a.events as u64));
     assert!(all, "only {} of {} events delivered within {PHASE_LIMIT:?}", rx.count.load(Ordering::Acquire), a.events);
     let events_per_s = rx.rate();
@@ -745,7 +797,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     let attempts0 = Attempts::now(w.admin).await;
     let half = events_per_s / 2.0;
     let paced = ((half * PACED_FOR.as_secs_f64()) as usize).max(100);
-    let produced = produce(&p, &topic, &run, a.events..a.events + paced, a.endpoints, Some(half));
+    let produced = produce(&p, &topic, &run, a.events..a.events + paced, (a.endpoints, "loc"), Some(half));
     let (_, all) = print_broker_cpu_each_second(kafka.pid(), "the half-rate phase", async {
         tokio::join!(produced, rx.wait_for(paced as u64))
     })
@@ -859,8 +911,9 @@ fn main() {
                 pk.events, pk.park_s, pk.rss_mib, pk.peak_rss_mib, pk.drain_s
             )
         });
+        let stuck = if a.stuck > 0 { format!(" stuck={}", a.stuck) } else { String::new() };
         println!(
-            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_p50_ms={:.2} broker_p99_ms={:.2} paced_rto={} rss_mib={:.0} cpu_s={:.1}{park}",
+            "RESULT broker={broker} endpoints={} events={} events_per_s={:.0} ceiling_per_s={:.0} ratio={:.2} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} broker_p50_ms={:.2} broker_p99_ms={:.2} paced_rto={} rss_mib={:.0} cpu_s={:.1}{stuck}{park}",
             a.endpoints,
             a.events,
             o.events_per_s,

@@ -223,6 +223,7 @@ pub struct Source {
     health: Arc<Health>,
     /// A periodic commit is under way.
     committing: Arc<std::sync::atomic::AtomicBool>,
+    /// Backpressure: holds a batch while the endpoint workers catch up.
     gate: IntakeGate,
 }
 
@@ -407,7 +408,8 @@ impl Source {
         });
     }
 
-    /// Routes the batch and writes it to the store in the background.
+    /// Routes the batch and writes it to the store in the background, once
+    /// the endpoint workers have caught up (backpressure, `store::IntakeGate`).
     async fn flush(
         &self,
         batch: &mut Vec<(Event, u64)>,

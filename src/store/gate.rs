@@ -4,74 +4,153 @@
 //! are served, and without a bound the outbox's ready queue would take in the
 //! whole backlog: safe, since it is durable, but every delivery beyond what the
 //! workers' feeds hold in memory is read back from RocksDB, flushed and
-//! compacted. So the consumer waits while the ready queue holds [`HIGH`]
-//! deliveries that the workers are finishing fast.
+//! compacted. So the consumer waits while the workers have [`HIGH`] or more
+//! ready deliveries that they will finish within [`MAX_PAUSE`].
 //!
 //! A slow endpoint must not make the consumer wait, or it would delay the
-//! events of every other endpoint. Its backlog is finished slowly: the consumer
-//! waits only for a ready queue that would be finished within [`MAX_PAUSE`] at
-//! the pace measured, and never longer than that at a time.
+//! events of every other endpoint. So each endpoint counts only what it would
+//! finish within [`MAX_PAUSE`] at its own pace: `min(ready, pace × 0.5 s)`.
+//! An endpoint that finishes little counts for little, whatever it holds;
+//! one alone must finish 8,192 deliveries a second to make the consumer wait.
+//! The store's writer keeps each endpoint's ready count and pace
+//! ([`Backlog`]) and publishes the sum ([`Drainable`]); the consumer reads it
+//! ([`IntakeGate`]) and never waits longer than [`MAX_PAUSE`] at a time.
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::Depth;
-
-/// The consumer waits while the ready queue holds this many deliveries: half
-/// of what the workers' feeds hold in memory, so the batches already on their
-/// way to the store (4 of 512 events by default) still fit there.
+/// The consumer waits while the workers will finish this many ready
+/// deliveries within [`MAX_PAUSE`]: half of what their feeds hold in memory,
+/// so the batches already on their way to the store (4 of 512 events by
+/// default) still fit there.
 pub const HIGH: i64 = (super::feed::TOTAL / 2) as i64;
-/// The consumer waits only for a ready queue the workers would finish within
-/// this long at their pace, and never longer than this at a time.
+/// The horizon of what counts, and the longest the consumer waits at a time.
 pub const MAX_PAUSE: Duration = Duration::from_millis(500);
-/// How often a waiting consumer measures the workers' pace.
-const PACE_WINDOW: Duration = Duration::from_millis(10);
-/// A pace measured longer ago than this is measured again before it is used.
-const PACE_STALE: Duration = Duration::from_secs(1);
+/// How often the writer measures each endpoint's pace (at a commit, so only
+/// while something happens).
+const SWEEP: Duration = Duration::from_millis(20);
+/// A sum older than this is not used: the workers may have stopped.
+const FRESH: Duration = Duration::from_millis(100);
+
+/// Each endpoint's share of the ready queue, kept by the store's writer (on
+/// its thread alone) from the groups it commits.
+#[derive(Debug, Default)]
+pub(super) struct Backlog {
+    endpoints: HashMap<Box<[u8]>, Share>,
+    swept: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Share {
+    ready: i64,
+    /// Finished since the last sweep.
+    finished: u64,
+    /// Finished per second, smoothed over sweeps.
+    per_s: f64,
+}
+
+/// One group's changes to the endpoints' shares (endpoint id → ready delta,
+/// finished), applied once it commits.
+#[derive(Debug, Default)]
+pub(super) struct Changes(HashMap<Vec<u8>, (i64, u64)>);
+
+impl Changes {
+    pub(super) fn add(&mut self, endpoint: &[u8], ready: i64, finished: u64) {
+        match self.0.get_mut(endpoint) {
+            Some(c) => *c = (c.0 + ready, c.1 + finished),
+            None => {
+                self.0.insert(endpoint.to_vec(), (ready, finished));
+            }
+        }
+    }
+
+    /// A ready key's endpoint (the key is `endpoint \0 seq`).
+    pub(super) fn endpoint_of(ready_key: &[u8]) -> &[u8] {
+        &ready_key[..ready_key.len().saturating_sub(9)]
+    }
+}
+
+impl Backlog {
+    /// Starts from the ready deliveries stored per endpoint.
+    pub(super) fn new(ready: HashMap<Vec<u8>, i64>) -> Backlog {
+        let endpoints = ready.into_iter().map(|(k, n)| (k.into(), Share { ready: n, ..Share::default() })).collect();
+        Backlog { endpoints, swept: None }
+    }
+
+    pub(super) fn apply(&mut self, changes: &mut Changes) {
+        for (endpoint, (ready, finished)) in changes.0.drain() {
+            let share = self.endpoints.entry(endpoint.into()).or_default();
+            share.ready = (share.ready + ready).max(0);
+            share.finished += finished;
+        }
+    }
+
+    /// Once per [`SWEEP`]: measures each endpoint's pace and returns the sum of
+    /// `min(ready, pace × MAX_PAUSE)`. Endpoints with nothing ready and no
+    /// pace are forgotten.
+    pub(super) fn sweep(&mut self, now: Instant) -> Option<i64> {
+        let Some(since) = self.swept else {
+            self.swept = Some(now);
+            self.endpoints.values_mut().for_each(|s| s.finished = 0);
+            return None;
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed < SWEEP {
+            return None;
+        }
+        self.swept = Some(now);
+        let (secs, horizon) = (elapsed.as_secs_f64(), MAX_PAUSE.as_secs_f64());
+        // Deliveries finish in bursts (a batch's outcomes commit together):
+        // half the last window, half the windows before. After a long quiet
+        // spell the old pace means nothing.
+        let keep = if elapsed >= MAX_PAUSE { 0.0 } else { 0.5 };
+        let mut sum = 0.0;
+        self.endpoints.retain(|_, s| {
+            s.per_s = keep * s.per_s + (1.0 - keep) * (s.finished as f64 / secs);
+            s.finished = 0;
+            sum += (s.ready as f64).min(s.per_s * horizon);
+            s.ready > 0 || s.per_s >= 1.0
+        });
+        Some(sum as i64)
+    }
+}
+
+/// The sum the writer last published, and when.
+#[derive(Debug, Default)]
+pub struct Drainable {
+    last: Mutex<Option<(i64, Instant)>>,
+    /// Woken when the sum falls below [`HIGH`].
+    room: Notify,
+}
+
+impl Drainable {
+    pub(super) fn publish(&self, sum: i64, now: Instant) {
+        let before = self.last.lock().unwrap_or_else(|p| p.into_inner()).replace((sum, now));
+        if sum < HIGH && before.is_none_or(|(b, _)| b >= HIGH) {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Whether the consumer should wait at `now`.
+    fn holds(&self, now: Instant) -> bool {
+        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.is_some_and(|(sum, at)| sum >= HIGH && now.saturating_duration_since(at) <= FRESH)
+    }
+}
 
 /// Where the consumer waits before it hands a batch to the store.
 #[derive(Debug)]
 pub struct IntakeGate {
-    depth: Arc<Depth>,
-    pace: Mutex<Pace>,
-}
-
-/// Ready deliveries finished per second over the last window measured.
-#[derive(Debug)]
-struct Pace {
-    since: Instant,
-    finished_then: u64,
-    per_s: Option<f64>,
-}
-
-impl Pace {
-    /// The pace at `now`, given the count of finished deliveries then; `None`
-    /// while a window is being measured after none was for [`PACE_STALE`].
-    fn at(&mut self, now: Instant, finished: u64) -> Option<f64> {
-        let elapsed = now.saturating_duration_since(self.since);
-        if elapsed >= PACE_STALE {
-            *self = Pace { since: now, finished_then: finished, per_s: None };
-        } else if elapsed >= PACE_WINDOW {
-            let per_s = finished.saturating_sub(self.finished_then) as f64 / elapsed.as_secs_f64();
-            *self = Pace { since: now, finished_then: finished, per_s: Some(per_s) };
-        }
-        self.per_s
-    }
-}
-
-/// Whether the consumer waits for `ready` deliveries finished at `pace`
-/// (`None`: not measured yet, so it waits one window to measure it).
-fn holds(ready: i64, pace: Option<f64>) -> bool {
-    ready >= HIGH && pace.is_none_or(|per_s| per_s * MAX_PAUSE.as_secs_f64() >= ready as f64)
+    drainable: Arc<Drainable>,
 }
 
 impl IntakeGate {
-    pub fn new(depth: Arc<Depth>) -> IntakeGate {
-        let finished_then = depth.finished.load(Ordering::Acquire);
-        IntakeGate { depth, pace: Mutex::new(Pace { since: Instant::now(), finished_then, per_s: None }) }
+    pub(super) fn new(drainable: Arc<Drainable>) -> IntakeGate {
+        IntakeGate { drainable }
     }
 
     /// Waits while the consumer should; returns how long it waited.
@@ -79,27 +158,22 @@ impl IntakeGate {
         let start = Instant::now();
         let mut waiting = false;
         loop {
-            // Registered before the count is read, so a fall below HIGH in
+            // Registered before the sum is read, so a fall below HIGH in
             // between still wakes this wait.
-            let room = self.depth.room.notified();
+            let room = self.drainable.room.notified();
             let mut room = std::pin::pin!(room);
             room.as_mut().enable();
-            let ready = self.depth.ready.load(Ordering::Acquire);
-            if ready < HIGH || start.elapsed() >= MAX_PAUSE || shutdown.is_cancelled() || !holds(ready, self.pace()) {
+            let now = Instant::now();
+            if !self.drainable.holds(now) || now - start >= MAX_PAUSE || shutdown.is_cancelled() {
                 return if waiting { start.elapsed() } else { Duration::ZERO };
             }
             waiting = true;
             tokio::select! {
                 _ = room => {}
-                _ = tokio::time::sleep(PACE_WINDOW) => {}
+                _ = tokio::time::sleep(SWEEP) => {}
                 _ = shutdown.cancelled() => {}
             }
         }
-    }
-
-    fn pace(&self) -> Option<f64> {
-        let finished = self.depth.finished.load(Ordering::Acquire);
-        self.pace.lock().unwrap_or_else(|p| p.into_inner()).at(Instant::now(), finished)
     }
 }
 
@@ -107,92 +181,133 @@ impl IntakeGate {
 mod tests {
     use super::*;
 
-    /// An outbox with `ready` deliveries.
-    fn depth(ready: i64) -> Arc<Depth> {
-        let d = Arc::new(Depth::default());
-        d.committed(ready, 0, 0);
-        d
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Ten slow endpoints with 500 ready each, finishing 1 a second between
+    /// them, and a fast one with `fast_ready`, finishing `fast_per_s`.
+    fn backlog(fast_ready: i64) -> Backlog {
+        let mut ready: HashMap<Vec<u8>, i64> = (0..10).map(|i| (format!("slow{i}").into_bytes(), 500)).collect();
+        ready.insert(b"fast".to_vec(), fast_ready);
+        Backlog::new(ready)
+    }
+
+    /// `n` finished by each of `endpoints` (one group's outcomes).
+    fn finish(b: &mut Backlog, endpoints: &[&str], n: i64) {
+        let mut c = Changes::default();
+        for e in endpoints {
+            c.add(e.as_bytes(), -n, n as u64);
+        }
+        b.apply(&mut c);
     }
 
     #[test]
-    fn the_pace_is_measured_over_windows_and_afresh_after_a_stale_one() {
+    fn each_endpoint_counts_what_it_would_finish_within_the_pause_at_its_own_pace() {
         let t0 = Instant::now();
-        let mut p = Pace { since: t0, finished_then: 100, per_s: None };
-        assert_eq!(p.at(t0 + PACE_WINDOW / 2, 150), None, "less than a window: nothing measured yet");
-        assert_eq!(p.at(t0 + PACE_WINDOW, 200), Some(10_000.0), "100 finished in 10 ms");
-        assert_eq!(p.at(t0 + PACE_WINDOW + PACE_WINDOW / 2, 900), Some(10_000.0), "the last window's, until the next");
-        assert_eq!(p.at(t0 + 3 * PACE_WINDOW, 1200), Some(50_000.0), "1,000 finished in 20 ms");
-        let later = t0 + 3 * PACE_WINDOW + PACE_STALE;
-        assert_eq!(p.at(later, 1300), None, "a second without a look: measured again");
-        assert_eq!(p.at(later + PACE_WINDOW, 1300), Some(0.0));
+        let mut b = backlog(20_000);
+        assert_eq!(b.sweep(t0), None, "the first sweep starts the window");
+        // In 20 ms the fast endpoint finishes 400 (20,000 a second), the slow ones nothing.
+        finish(&mut b, &["fast"], 400);
+        assert_eq!(b.sweep(t0 + 10 * MS), None, "less than a sweep's interval");
+        let sum = b.sweep(t0 + SWEEP).expect("swept");
+        // Smoothed: half of 20,000/s; 0.5 s of 10,000/s is 5,000 of the 19,600 ready.
+        assert_eq!(sum, 5_000, "the slow endpoints' 5,000 ready count for nothing");
+        finish(&mut b, &["fast"], 400);
+        assert_eq!(b.sweep(t0 + 2 * SWEEP), Some(7_500), "the pace settles: 15,000/s");
+        // The slow endpoints finish one each in the next 20 ms: 50/s each, 25 each.
+        finish(&mut b, &["fast", "slow0", "slow1", "slow2", "slow3", "slow4"], 1);
+        finish(&mut b, &["slow5", "slow6", "slow7", "slow8", "slow9"], 1);
+        let sum = b.sweep(t0 + 3 * SWEEP).expect("swept");
+        // fast: (15,000 + 50) / 2 = 7,525/s → 3,762.5; each slow one (0 + 50) / 2 = 25/s → 12.5.
+        assert_eq!(sum, 3_887, "the slow endpoints count for what they finish, not for what they hold");
     }
 
     #[test]
-    fn only_a_queue_of_high_or_more_finished_within_the_pause_holds_the_consumer() {
-        assert!(!holds(HIGH - 1, None));
-        assert!(!holds(HIGH - 1, Some(1e9)));
-        assert!(holds(HIGH, None), "the pace unknown: one window to measure it");
-        // 0.5 s at 2 × HIGH a second finishes HIGH.
-        assert!(holds(HIGH, Some(2.0 * HIGH as f64)));
-        assert!(!holds(HIGH, Some(2.0 * HIGH as f64 - 1.0)));
-        assert!(!holds(1_000_000, Some(0.0)), "nothing finished: a slow endpoint's backlog");
+    fn a_queue_smaller_than_its_pace_counts_whole_and_idle_endpoints_are_forgotten() {
+        let t0 = Instant::now();
+        let mut b = Backlog::new(HashMap::from([(b"a".to_vec(), 100)]));
+        b.sweep(t0);
+        finish(&mut b, &["a"], 100);
+        assert_eq!(b.sweep(t0 + SWEEP), Some(0), "nothing left ready counts for nothing, whatever the pace");
+        assert_eq!(b.endpoints.len(), 1, "kept while it has a pace");
+        // A long quiet spell: the old pace is dropped, and so is the endpoint.
+        assert_eq!(b.sweep(t0 + SWEEP + MAX_PAUSE), Some(0));
+        assert!(b.endpoints.is_empty());
+        // Deleting what was stored before a restart never drives a count below 0.
+        let mut c = Changes::default();
+        c.add(b"a", -5, 5);
+        b.apply(&mut c);
+        assert_eq!(b.endpoints[&b"a"[..]].ready, 0);
     }
 
     #[test]
-    fn a_fall_below_high_wakes_a_waiting_consumer() {
+    fn the_endpoint_of_a_ready_key() {
+        assert_eq!(Changes::endpoint_of(&super::super::ready_key("ep-1", 42)), b"ep-1");
+    }
+
+    #[test]
+    fn the_consumer_holds_only_for_a_fresh_sum_of_high_or_more_and_is_woken_below() {
         use std::future::Future;
-        let d = depth(HIGH + 1);
+        let d = Drainable::default();
+        let t0 = Instant::now();
+        assert!(!d.holds(t0), "nothing published");
+        d.publish(HIGH, t0);
+        assert!(d.holds(t0 + FRESH));
+        assert!(!d.holds(t0 + FRESH + MS), "a stale sum: the workers may have stopped");
         let room = d.room.notified();
         let mut room = std::pin::pin!(room);
         room.as_mut().enable();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        d.committed(-1, 0, 1);
-        assert!(room.as_mut().poll(&mut cx).is_pending(), "still at HIGH: no wake-up");
-        d.committed(-1, 0, 1);
+        d.publish(HIGH + 1, t0);
+        assert!(room.as_mut().poll(&mut cx).is_pending(), "still at HIGH or above: no wake-up");
+        d.publish(HIGH - 1, t0);
+        assert!(!d.holds(t0));
         assert!(room.as_mut().poll(&mut cx).is_ready(), "below HIGH: woken");
     }
 
     #[tokio::test]
-    async fn the_consumer_waits_for_a_queue_finished_fast_until_it_is_below_high() {
-        let d = depth(HIGH + 500);
+    async fn the_consumer_waits_until_the_sum_falls_below_high() {
+        let d = Arc::new(Drainable::default());
         let gate = IntakeGate::new(d.clone());
-        // 50 a millisecond, as the writer commits outcomes: what is ready
-        // would be finished in about 0.1 s.
-        let workers = tokio::spawn({
+        d.publish(HIGH + 1_000, Instant::now());
+        // The writer's sweeps: 500 fewer every 20 ms.
+        let writer = tokio::spawn({
             let d = d.clone();
             async move {
-                while d.ready.load(Ordering::Acquire) > 0 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    d.committed(-50, 0, 50);
+                for sum in [HIGH + 500, HIGH, HIGH - 500] {
+                    tokio::time::sleep(SWEEP).await;
+                    d.publish(sum, Instant::now());
                 }
             }
         });
         let waited = gate.admit(&CancellationToken::new()).await;
-        let ready = d.ready.load(Ordering::Acquire);
-        assert!(ready < HIGH, "the consumer went on with {ready} ready");
-        assert!(waited > Duration::ZERO && waited < MAX_PAUSE, "waited {waited:?}");
-        workers.abort();
+        assert!(!d.holds(Instant::now()), "the consumer went on while it should wait");
+        assert!(waited >= 2 * SWEEP && waited < MAX_PAUSE, "waited {waited:?}");
+        writer.await.expect("writer");
     }
 
     #[tokio::test]
-    async fn a_queue_nobody_finishes_holds_the_consumer_one_window_only() {
-        let d = depth(HIGH + 500);
+    async fn the_consumer_waits_no_longer_than_the_pause_and_not_at_all_below_high_or_at_shutdown() {
+        let d = Arc::new(Drainable::default());
         let gate = IntakeGate::new(d.clone());
-        let shutdown = CancellationToken::new();
-        let first = gate.admit(&shutdown).await;
-        assert!(first >= PACE_WINDOW, "the pace was not measured: {first:?}");
-        assert!(first < MAX_PAUSE / 2, "waited {first:?} for endpoints that finish nothing");
-        assert_eq!(gate.admit(&shutdown).await, Duration::ZERO, "the pace is known now: no more waiting");
-    }
-
-    #[tokio::test]
-    async fn below_high_or_at_shutdown_the_consumer_does_not_wait() {
-        let d = depth(HIGH - 1);
-        let gate = IntakeGate::new(d.clone());
+        assert_eq!(gate.admit(&CancellationToken::new()).await, Duration::ZERO, "nothing published");
+        d.publish(HIGH - 1, Instant::now());
         assert_eq!(gate.admit(&CancellationToken::new()).await, Duration::ZERO);
-        d.committed(1, 0, 0);
+        d.publish(HIGH, Instant::now());
         let shutdown = CancellationToken::new();
         shutdown.cancel();
         assert_eq!(gate.admit(&shutdown).await, Duration::ZERO);
+        // A sum kept fresh at HIGH: the wait ends at the bound.
+        let writer = tokio::spawn({
+            let d = d.clone();
+            async move {
+                for _ in 0..40 {
+                    d.publish(HIGH, Instant::now());
+                    tokio::time::sleep(SWEEP).await;
+                }
+            }
+        });
+        let waited = gate.admit(&CancellationToken::new()).await;
+        assert!(waited >= MAX_PAUSE && waited < 2 * MAX_PAUSE, "waited {waited:?}");
+        writer.abort();
     }
 }

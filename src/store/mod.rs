@@ -26,7 +26,7 @@ mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 pub use feed::{Feed, PER_ENDPOINT as FEED_PER_ENDPOINT, Take};
 pub use gate::IntakeGate;
+use gate::{Backlog, Changes, Drainable};
 pub use record::{CorruptRecord, Delivery};
 use writer::{Op, Writer};
 
@@ -279,24 +280,6 @@ impl DeadQuery {
 pub struct Depth {
     pub ready: AtomicI64,
     pub waiting: AtomicI64,
-    /// Ready deliveries finished so far: delivered, scheduled for retry or
-    /// dead-lettered.
-    finished: AtomicU64,
-    /// Woken when `ready` falls below the intake gate's threshold.
-    room: Notify,
-}
-
-impl Depth {
-    /// Applies a committed batch's changes; returns the new (ready, waiting).
-    fn committed(&self, ready_delta: i64, waiting_delta: i64, finished: u64) -> (i64, i64) {
-        self.finished.fetch_add(finished, Ordering::AcqRel);
-        let before = self.ready.fetch_add(ready_delta, Ordering::AcqRel);
-        let ready = before + ready_delta;
-        if before >= gate::HIGH && ready < gate::HIGH {
-            self.room.notify_waiters();
-        }
-        (ready, self.waiting.fetch_add(waiting_delta, Ordering::AcqRel) + waiting_delta)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -429,6 +412,7 @@ pub struct Store {
     tx: mpsc::Sender<Op>,
     wake: Arc<Wakeups>,
     depth: Arc<Depth>,
+    drainable: Arc<Drainable>,
     healthy: Arc<AtomicBool>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     dedup_window_ms: i64,
@@ -445,14 +429,23 @@ impl Store {
         let window_ms = i64::try_from(opts.dedup_window.as_millis()).unwrap_or(i64::MAX);
         let db = Arc::new(open_db(path, window_ms)?);
         let depth = Arc::new(Depth::default());
-        depth.ready.store(count(&db, CF_READY)?, Ordering::Relaxed);
+        let ready = ready_by_endpoint(&db)?;
+        depth.ready.store(ready.values().sum(), Ordering::Relaxed);
         depth.waiting.store(count(&db, CF_WAITING)?, Ordering::Relaxed);
+        let drainable = Arc::new(Drainable::default());
         let wake = Arc::new(Wakeups::default());
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(1024);
         let db = Arc::new(DbCell { slot: RwLock::new(Some(db)), path: path.to_path_buf(), dedup_window_ms: window_ms });
-        let writer =
-            Writer::new(db.clone(), rx, wake.clone(), depth.clone(), healthy.clone(), opts.sync_writes, window_ms)?;
+        let writer = Writer::new(
+            db.clone(),
+            rx,
+            wake.clone(),
+            (depth.clone(), Backlog::new(ready), drainable.clone()),
+            healthy.clone(),
+            opts.sync_writes,
+            window_ms,
+        )?;
         let handle = std::thread::Builder::new()
             .name("webhookd-store".into())
             .spawn(move || writer.run())
@@ -462,6 +455,7 @@ impl Store {
             tx,
             wake,
             depth,
+            drainable,
             healthy,
             writer: Arc::new(Mutex::new(Some(handle))),
             dedup_window_ms: window_ms,
@@ -475,9 +469,9 @@ impl Store {
         &self.depth
     }
 
-    /// Where the consumer waits while the ready queue drains ([`IntakeGate`]).
+    /// Where the consumer waits while the workers catch up ([`IntakeGate`]).
     pub fn intake_gate(&self) -> IntakeGate {
-        IntakeGate::new(self.depth.clone())
+        IntakeGate::new(self.drainable.clone())
     }
     /// False after a write failed, until one succeeds again.
     pub fn is_healthy(&self) -> bool {
@@ -815,6 +809,25 @@ pub(crate) fn expired(value: &[u8], window_ms: i64, now: i64) -> bool {
         Ok(b) => i64::from_be_bytes(b).saturating_add(window_ms) < now,
         Err(_) => true,
     }
+}
+
+/// The ready deliveries stored, per endpoint id.
+fn ready_by_endpoint(db: &DB) -> Result<HashMap<Vec<u8>, i64>, StoreError> {
+    let mut counts: HashMap<Vec<u8>, i64> = HashMap::new();
+    let mut it = db.raw_iterator_cf(cf(db, CF_READY));
+    it.seek_to_first();
+    while let Some(key) = it.key() {
+        let endpoint = Changes::endpoint_of(key);
+        match counts.get_mut(endpoint) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(endpoint.to_vec(), 1);
+            }
+        }
+        it.next();
+    }
+    it.status()?;
+    Ok(counts)
 }
 
 fn count(db: &DB, name: &str) -> Result<i64, StoreError> {

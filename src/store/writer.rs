@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
+use super::gate::{Backlog, Changes, Drainable};
 use super::{
     CF_DEAD, CF_DEDUP, CF_ENDPOINTS, CF_META, CF_PARKED, CF_READY, CF_WAITING, DbCell, Delivery, Depth, DueItem,
     Intake, NewEvent, Next, ReadyItem, StoreError, Wakeups, cf, expired, now_ms, parked_key, ready_key, seq_key,
@@ -86,6 +87,9 @@ pub(super) struct Writer {
     rx: mpsc::Receiver<Op>,
     wake: Arc<Wakeups>,
     depth: Arc<Depth>,
+    /// Each endpoint's share of the ready queue, and where their sum goes.
+    backlog: Backlog,
+    drainable: Arc<Drainable>,
     healthy: Arc<AtomicBool>,
     sync_writes: bool,
     dedup_window_ms: i64,
@@ -112,8 +116,8 @@ struct Group {
     delivered: Vec<Unanswered>,
     ready_delta: i64,
     waiting_delta: i64,
-    /// Ready deliveries this group finishes (delivered, retried, dead).
-    finished: u64,
+    /// Each endpoint's ready deliveries added and finished, for the intake gate.
+    shares: Changes,
     dedup_added: HashSet<String>,
     /// Dead letters and waiting retries this group already moves to a ready
     /// queue (a second replay, promotion or recall finds none).
@@ -127,7 +131,7 @@ impl Writer {
         db: Arc<DbCell>,
         rx: mpsc::Receiver<Op>,
         wake: Arc<Wakeups>,
-        depth: Arc<Depth>,
+        (depth, backlog, drainable): (Arc<Depth>, Backlog, Arc<Drainable>),
         healthy: Arc<AtomicBool>,
         sync_writes: bool,
         dedup_window_ms: i64,
@@ -140,6 +144,8 @@ impl Writer {
             rx,
             wake,
             depth,
+            backlog,
+            drainable,
             healthy,
             sync_writes,
             dedup_window_ms,
@@ -238,7 +244,13 @@ impl Writer {
             match &result {
                 Ok(()) => {
                     self.healthy.store(true, Ordering::Release);
-                    let (ready, waiting) = self.depth.committed(g.ready_delta, g.waiting_delta, g.finished);
+                    let ready = self.depth.ready.fetch_add(g.ready_delta, Ordering::AcqRel) + g.ready_delta;
+                    let waiting = self.depth.waiting.fetch_add(g.waiting_delta, Ordering::AcqRel) + g.waiting_delta;
+                    self.backlog.apply(&mut g.shares);
+                    let now = Instant::now();
+                    if let Some(sum) = self.backlog.sweep(now) {
+                        self.drainable.publish(sum, now);
+                    }
                     metrics::gauge!(m::OUTBOX_READY).set(ready as f64);
                     metrics::gauge!(m::OUTBOX_WAITING).set(waiting as f64);
                 }
@@ -301,7 +313,7 @@ impl Writer {
             Op::Finish { ready_key, next, reply } => {
                 g.batch.delete_cf(cf(db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
-                g.finished += 1;
+                g.shares.add(Changes::endpoint_of(&ready_key), -1, 1);
                 match next {
                     Next::Wait { due_ms, delivery, recall } => {
                         let due = due_ms.max(now_ms());
@@ -324,7 +336,7 @@ impl Writer {
             Op::Delivered { ready_key, reply, slot } => {
                 g.batch.delete_cf(cf(db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
-                g.finished += 1;
+                g.shares.add(Changes::endpoint_of(&ready_key), -1, 1);
                 match reply {
                     Some(reply) => g.replies.push(simple(reply)),
                     None => g.delivered.push(Unanswered { ready_key, slot }),
@@ -360,7 +372,10 @@ impl Writer {
             Op::Quarantine { cf_name, key, raw } => {
                 g.batch.delete_cf(cf(db, cf_name), &key);
                 match cf_name {
-                    CF_READY => g.ready_delta -= 1,
+                    CF_READY => {
+                        g.ready_delta -= 1;
+                        g.shares.add(Changes::endpoint_of(&key), -1, 0);
+                    }
                     CF_WAITING => g.waiting_delta -= 1,
                     _ => {}
                 }
@@ -439,6 +454,7 @@ impl Writer {
         let key = ready_key(&d.endpoint_id, seq);
         g.batch.put_cf(cf(db, CF_READY), &key, d.encode());
         g.ready_delta += 1;
+        g.shares.add(d.endpoint_id.as_bytes(), 1, 0);
         if !g.wake_endpoints.contains(&d.endpoint_id) {
             g.wake_endpoints.insert(d.endpoint_id.clone());
         }

@@ -73,9 +73,10 @@ pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
 /// retries) committed in one RocksDB write batch, the fdatasync included when
 /// `store.sync_writes` is on. Every event waits for one.
 pub const STORE_WRITE_DURATION: &str = "webhookd_store_write_duration_seconds";
-/// Each time the consumer waited for the endpoint workers to take the
-/// deliveries already handed to them (`store::IntakeGate`): the machine is
-/// behind, and more intake would only wait in the store.
+/// Each wait of the consumer for the endpoint workers to catch up
+/// (`store::IntakeGate`): they will finish 4,096 or more ready deliveries
+/// within 0.5 s, each endpoint at its own pace, so the machine is behind and
+/// more intake would only wait in the store.
 pub const INTAKE_WAIT: &str = "webhookd_intake_wait_seconds";
 /// Failed RocksDB writes.
 pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";
@@ -96,7 +97,7 @@ const STORE_WRITE_BUCKETS: &[f64] =
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
 ];
-/// From a millisecond to `store::feed::MAX_PAUSE`, the longest wait.
+/// From a millisecond to `store::gate::MAX_PAUSE`, the longest wait.
 const INTAKE_WAIT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5];
 
 fn describe() {
@@ -150,7 +151,7 @@ fn describe() {
     describe_histogram!(
         INTAKE_WAIT,
         Unit::Seconds,
-        "Each wait of the consumer for the endpoint workers to take the deliveries handed to them."
+        "Each wait of the consumer for the endpoint workers to catch up (backpressure)."
     );
     describe_counter!(STORE_WRITE_ERRORS, Unit::Count, "RocksDB write batches that failed.");
     describe_counter!(

@@ -333,10 +333,12 @@ async fn a_slow_endpoint_does_not_slow_a_fast_one() {
     d.stop().await;
 }
 
-/// The consumer waits while the outbox holds 4,096 ready deliveries or more
-/// that the workers finish fast (store::IntakeGate). Slow endpoints holding
-/// that many must not make it wait: here ten endpoints that answer nothing
-/// hold 5,000, and a fast endpoint's events must still go out at once.
+/// The consumer waits while the workers will finish 4,096 or more ready
+/// deliveries within 0.5 s, each endpoint at its own pace (store::IntakeGate).
+/// Slow endpoints holding more than that must not make it wait: here ten
+/// endpoints that answer nothing hold 5,000 (a rule on the whole ready queue
+/// would wait), and the consumer must not wait once while a fast endpoint's
+/// events go out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_endpoints_holding_a_large_backlog_do_not_hold_intake() {
     let kafka = Kafka::start();
@@ -372,7 +374,6 @@ async fn slow_endpoints_holding_a_large_backlog_do_not_hold_intake() {
     println!(
         "fast endpoint received all {n}; slow endpoints had {slow_hits} requests; intake waited {waits} times, {waited:.3} s in all"
     );
-    assert!(waits >= 1.0, "intake never found the feeds holding the threshold: the test proves nothing");
-    assert!(waited < 0.2, "intake waited {waited:.3} s for endpoints that take nothing");
+    assert_eq!(waits, 0.0, "the consumer waited {waited:.3} s for endpoints that finish nothing");
     d.stop().await;
 }
