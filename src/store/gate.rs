@@ -5,13 +5,15 @@
 //! whole backlog: safe, since it is durable, but every delivery beyond what the
 //! workers' feeds hold in memory is read back from RocksDB, flushed and
 //! compacted. So the consumer waits while the workers have [`HIGH`] or more
-//! ready deliveries that they will finish within [`MAX_PAUSE`].
+//! ready deliveries that they will deliver within [`MAX_PAUSE`].
 //!
-//! A slow endpoint must not make the consumer wait, or it would delay the
-//! events of every other endpoint. So each endpoint counts only what it would
-//! finish within [`MAX_PAUSE`] at its own pace: `min(ready, pace × 0.5 s)`.
-//! An endpoint that finishes little counts for little, whatever it holds;
-//! one alone must finish 8,192 deliveries a second to make the consumer wait.
+//! A slow or failing endpoint must not make the consumer wait, or it would
+//! delay the events of every other endpoint. So each endpoint counts only what
+//! it would deliver within [`MAX_PAUSE`] at its own pace of deliveries (2xx):
+//! `min(ready, pace × 0.5 s)`. An endpoint that delivers little counts for
+//! little, whatever it holds, and one that fails fast (refused, 4xx, 5xx)
+//! counts for nothing; one alone must deliver 8,192 a second to make the
+//! consumer wait.
 //! The store's writer keeps each endpoint's ready count and pace
 //! ([`Backlog`]) and publishes the sum ([`Drainable`]); the consumer reads it
 //! ([`IntakeGate`]) and never waits longer than [`MAX_PAUSE`] at a time.
@@ -23,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// The consumer waits while the workers will finish this many ready
+/// The consumer waits while the workers will deliver this many ready
 /// deliveries within [`MAX_PAUSE`]: half of what their feeds hold in memory,
 /// so the batches already on their way to the store (4 of 512 events by
 /// default) still fit there.
@@ -32,7 +34,7 @@ pub const HIGH: i64 = (super::feed::TOTAL / 2) as i64;
 pub const MAX_PAUSE: Duration = Duration::from_millis(500);
 /// How often the writer measures each endpoint's pace (at a commit, so only
 /// while something happens).
-const SWEEP: Duration = Duration::from_millis(20);
+pub(super) const SWEEP: Duration = Duration::from_millis(20);
 /// A sum older than this is not used: the workers may have stopped.
 const FRESH: Duration = Duration::from_millis(100);
 
@@ -47,23 +49,23 @@ pub(super) struct Backlog {
 #[derive(Debug, Default)]
 struct Share {
     ready: i64,
-    /// Finished since the last sweep.
-    finished: u64,
-    /// Finished per second, smoothed over sweeps.
+    /// Delivered since the last sweep.
+    delivered: u64,
+    /// Delivered per second, smoothed over sweeps.
     per_s: f64,
 }
 
 /// One group's changes to the endpoints' shares (endpoint id → ready delta,
-/// finished), applied once it commits.
+/// delivered), applied once it commits.
 #[derive(Debug, Default)]
 pub(super) struct Changes(HashMap<Vec<u8>, (i64, u64)>);
 
 impl Changes {
-    pub(super) fn add(&mut self, endpoint: &[u8], ready: i64, finished: u64) {
+    pub(super) fn add(&mut self, endpoint: &[u8], ready: i64, delivered: u64) {
         match self.0.get_mut(endpoint) {
-            Some(c) => *c = (c.0 + ready, c.1 + finished),
+            Some(c) => *c = (c.0 + ready, c.1 + delivered),
             None => {
-                self.0.insert(endpoint.to_vec(), (ready, finished));
+                self.0.insert(endpoint.to_vec(), (ready, delivered));
             }
         }
     }
@@ -82,10 +84,10 @@ impl Backlog {
     }
 
     pub(super) fn apply(&mut self, changes: &mut Changes) {
-        for (endpoint, (ready, finished)) in changes.0.drain() {
+        for (endpoint, (ready, delivered)) in changes.0.drain() {
             let share = self.endpoints.entry(endpoint.into()).or_default();
             share.ready = (share.ready + ready).max(0);
-            share.finished += finished;
+            share.delivered += delivered;
         }
     }
 
@@ -95,7 +97,7 @@ impl Backlog {
     pub(super) fn sweep(&mut self, now: Instant) -> Option<i64> {
         let Some(since) = self.swept else {
             self.swept = Some(now);
-            self.endpoints.values_mut().for_each(|s| s.finished = 0);
+            self.endpoints.values_mut().for_each(|s| s.delivered = 0);
             return None;
         };
         let elapsed = now.saturating_duration_since(since);
@@ -104,14 +106,14 @@ impl Backlog {
         }
         self.swept = Some(now);
         let (secs, horizon) = (elapsed.as_secs_f64(), MAX_PAUSE.as_secs_f64());
-        // Deliveries finish in bursts (a batch's outcomes commit together):
+        // Deliveries complete in bursts (a batch's outcomes commit together):
         // half the last window, half the windows before. After a long quiet
         // spell the old pace means nothing.
         let keep = if elapsed >= MAX_PAUSE { 0.0 } else { 0.5 };
         let mut sum = 0.0;
         self.endpoints.retain(|_, s| {
-            s.per_s = keep * s.per_s + (1.0 - keep) * (s.finished as f64 / secs);
-            s.finished = 0;
+            s.per_s = keep * s.per_s + (1.0 - keep) * (s.delivered as f64 / secs);
+            s.delivered = 0;
             sum += (s.ready as f64).min(s.per_s * horizon);
             s.ready > 0 || s.per_s >= 1.0
         });
@@ -133,6 +135,12 @@ impl Drainable {
         if sum < HIGH && before.is_none_or(|(b, _)| b >= HIGH) {
             self.room.notify_waiters();
         }
+    }
+
+    /// The sum last published.
+    #[cfg(test)]
+    pub(super) fn last_sum(&self) -> Option<i64> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).map(|(sum, _)| sum)
     }
 
     /// Whether the consumer should wait at `now`.
@@ -183,16 +191,15 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Ten slow endpoints with 500 ready each, finishing 1 a second between
-    /// them, and a fast one with `fast_ready`, finishing `fast_per_s`.
+    /// Ten slow endpoints with 500 ready each and a fast one with `fast_ready`.
     fn backlog(fast_ready: i64) -> Backlog {
         let mut ready: HashMap<Vec<u8>, i64> = (0..10).map(|i| (format!("slow{i}").into_bytes(), 500)).collect();
         ready.insert(b"fast".to_vec(), fast_ready);
         Backlog::new(ready)
     }
 
-    /// `n` finished by each of `endpoints` (one group's outcomes).
-    fn finish(b: &mut Backlog, endpoints: &[&str], n: i64) {
+    /// `n` delivered by each of `endpoints` (one group's outcomes).
+    fn deliver(b: &mut Backlog, endpoints: &[&str], n: i64) {
         let mut c = Changes::default();
         for e in endpoints {
             c.add(e.as_bytes(), -n, n as u64);
@@ -201,24 +208,24 @@ mod tests {
     }
 
     #[test]
-    fn each_endpoint_counts_what_it_would_finish_within_the_pause_at_its_own_pace() {
+    fn each_endpoint_counts_what_it_would_deliver_within_the_pause_at_its_own_pace() {
         let t0 = Instant::now();
         let mut b = backlog(20_000);
         assert_eq!(b.sweep(t0), None, "the first sweep starts the window");
-        // In 20 ms the fast endpoint finishes 400 (20,000 a second), the slow ones nothing.
-        finish(&mut b, &["fast"], 400);
+        // In 20 ms the fast endpoint delivers 400 (20,000 a second), the slow ones nothing.
+        deliver(&mut b, &["fast"], 400);
         assert_eq!(b.sweep(t0 + 10 * MS), None, "less than a sweep's interval");
         let sum = b.sweep(t0 + SWEEP).expect("swept");
         // Smoothed: half of 20,000/s; 0.5 s of 10,000/s is 5,000 of the 19,600 ready.
         assert_eq!(sum, 5_000, "the slow endpoints' 5,000 ready count for nothing");
-        finish(&mut b, &["fast"], 400);
+        deliver(&mut b, &["fast"], 400);
         assert_eq!(b.sweep(t0 + 2 * SWEEP), Some(7_500), "the pace settles: 15,000/s");
-        // The slow endpoints finish one each in the next 20 ms: 50/s each, 25 each.
-        finish(&mut b, &["fast", "slow0", "slow1", "slow2", "slow3", "slow4"], 1);
-        finish(&mut b, &["slow5", "slow6", "slow7", "slow8", "slow9"], 1);
+        // The slow endpoints deliver one each in the next 20 ms: 50/s each, 25 each.
+        deliver(&mut b, &["fast", "slow0", "slow1", "slow2", "slow3", "slow4"], 1);
+        deliver(&mut b, &["slow5", "slow6", "slow7", "slow8", "slow9"], 1);
         let sum = b.sweep(t0 + 3 * SWEEP).expect("swept");
         // fast: (15,000 + 50) / 2 = 7,525/s → 3,762.5; each slow one (0 + 50) / 2 = 25/s → 12.5.
-        assert_eq!(sum, 3_887, "the slow endpoints count for what they finish, not for what they hold");
+        assert_eq!(sum, 3_887, "the slow endpoints count for what they deliver, not for what they hold");
     }
 
     #[test]
@@ -226,7 +233,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Backlog::new(HashMap::from([(b"a".to_vec(), 100)]));
         b.sweep(t0);
-        finish(&mut b, &["a"], 100);
+        deliver(&mut b, &["a"], 100);
         assert_eq!(b.sweep(t0 + SWEEP), Some(0), "nothing left ready counts for nothing, whatever the pace");
         assert_eq!(b.endpoints.len(), 1, "kept while it has a pace");
         // A long quiet spell: the old pace is dropped, and so is the endpoint.

@@ -969,6 +969,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_deliveries_that_succeed_give_an_endpoint_pace_for_backpressure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600));
+        let mut events: Vec<NewEvent> = (0..110).map(|i| new_event(&format!("ok{i}"), &["ok"])).collect();
+        events.extend((0..300).map(|i| new_event(&format!("bad{i}"), &["bad"])));
+        // Its commit is the writer's first: it starts the window the pace is measured over.
+        s.intake(Arc::new(events)).await.expect("intake");
+        let (ok, _) = s.load_ready("ok", None, 200).await.expect("load");
+        let (bad, _) = s.load_ready("bad", None, 400).await.expect("load");
+        for item in &ok[..100] {
+            s.delivered(item.key.clone(), &mut None).await.expect("delivered");
+        }
+        // An endpoint that fails fast: each attempt ends, none delivers.
+        let dead = || Next::Dead { record: b"{\"reason\":\"rejected\"}".to_vec() };
+        for item in &bad[..100] {
+            s.finish(item.key.clone(), dead()).await.expect("dead");
+        }
+        // A pace is measured over a window of time: let one pass, then commit.
+        tokio::time::sleep(gate::SWEEP).await;
+        s.finish(bad[100].key.clone(), dead()).await.expect("dead");
+        // "ok" delivers fast and has 10 left: they count. "bad" has 199 left
+        // and delivers nothing: they count for nothing.
+        assert_eq!(s.drainable.last_sum(), Some(10));
+        s.close().await;
+    }
+
+    #[tokio::test]
     async fn finish_reschedule_promote_and_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(3600));

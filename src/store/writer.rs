@@ -116,7 +116,7 @@ struct Group {
     delivered: Vec<Unanswered>,
     ready_delta: i64,
     waiting_delta: i64,
-    /// Each endpoint's ready deliveries added and finished, for the intake gate.
+    /// Each endpoint's ready deliveries added and delivered, for the intake gate.
     shares: Changes,
     dedup_added: HashSet<String>,
     /// Dead letters and waiting retries this group already moves to a ready
@@ -313,7 +313,8 @@ impl Writer {
             Op::Finish { ready_key, next, reply } => {
                 g.batch.delete_cf(cf(db, CF_READY), &ready_key);
                 g.ready_delta -= 1;
-                g.shares.add(Changes::endpoint_of(&ready_key), -1, 1);
+                // Not delivered: it gives the endpoint no pace.
+                g.shares.add(Changes::endpoint_of(&ready_key), -1, 0);
                 match next {
                     Next::Wait { due_ms, delivery, recall } => {
                         let due = due_ms.max(now_ms());

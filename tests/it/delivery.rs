@@ -333,7 +333,7 @@ async fn a_slow_endpoint_does_not_slow_a_fast_one() {
     d.stop().await;
 }
 
-/// The consumer waits while the workers will finish 4,096 or more ready
+/// The consumer waits while the workers will deliver 4,096 or more ready
 /// deliveries within 0.5 s, each endpoint at its own pace (store::IntakeGate).
 /// Slow endpoints holding more than that must not make it wait: here ten
 /// endpoints that answer nothing hold 5,000 (a rule on the whole ready queue
