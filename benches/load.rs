@@ -4,7 +4,7 @@
 //! hyper client at the same concurrency.
 //!
 //!   ./scripts/load-bench [--events N] [--endpoints E] [--broker tansu|mock|both] [--in-flight K]
-//!                        [--kafka key=value]... [--env NAME=value]... [--park N] [--stuck S]
+//!                        [--kafka key=value]... [--env NAME=value]... [--park N] [--stuck S] [--backpressure]
 //!
 //! The broker is a tansu process by default. librdkafka's in-process mock
 //! cluster (`--broker mock`) works, but has been seen to stall under sustained
@@ -89,6 +89,8 @@ struct Args {
     park: usize,
     /// Endpoints that never answer, each holding [`STUCK_EACH`] ready deliveries (`--stuck S`).
     stuck: usize,
+    /// `source.backpressure = true` (`--backpressure`).
+    backpressure: bool,
 }
 
 /// Events waiting for each endpoint that never answers (`--stuck`).
@@ -104,6 +106,7 @@ fn args() -> Args {
         env: Vec::new(),
         park: 0,
         stuck: 0,
+        backpressure: false,
         bin: std::env::var("WEBHOOKD_TEST_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/webhookd")),
@@ -115,6 +118,7 @@ fn args() -> Args {
             "--events" => a.events = value().parse().expect("--events: a number"),
             "--park" => a.park = value().parse().expect("--park: a number"),
             "--stuck" => a.stuck = value().parse().expect("--stuck: a number"),
+            "--backpressure" => a.backpressure = true,
             "--endpoints" => a.endpoints = value().parse().expect("--endpoints: a number"),
             "--in-flight" => a.in_flight = value().parse().expect("--in-flight: a number"),
             "--broker" => {
@@ -335,8 +339,9 @@ impl Webhookd {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut toml = format!(
             "[source]\nbrokers = [\"{bootstrap}\"]\ntopics = [\"{topic}\"]\ngroup_id = \"{topic}-g\"\n\
-             dead_letter_topic = \"{topic}.dlq\"\n[store]\npath = \"{}\"\n[admin]\nlisten = \"{admin}\"\n\
-             {}[delivery]\nallow_networks = [\"127.0.0.0/8\"]\n[log]\nlevel = \"warn\"\n",
+             dead_letter_topic = \"{topic}.dlq\"\nbackpressure = {}\n[store]\npath = \"{}\"\n[admin]\n\
+             listen = \"{admin}\"\n{}[delivery]\nallow_networks = [\"127.0.0.0/8\"]\n[log]\nlevel = \"warn\"\n",
+            a.backpressure,
             dir.join("db").display(),
             a.kafka.iter().fold(String::from("[source.kafka]\n"), |s, (k, v)| s + &format!("\"{k}\" = \"{v}\"\n"))
         );

@@ -223,8 +223,9 @@ pub struct Source {
     health: Arc<Health>,
     /// A periodic commit is under way.
     committing: Arc<std::sync::atomic::AtomicBool>,
-    /// Backpressure: holds a batch while the endpoint workers catch up.
-    gate: IntakeGate,
+    /// Backpressure (`source.backpressure`): holds a batch while the endpoint
+    /// workers catch up.
+    gate: Option<IntakeGate>,
 }
 
 impl Source {
@@ -257,7 +258,7 @@ impl Source {
             consumer: Arc::new(consumer),
             offsets,
             committing: Arc::default(),
-            gate: store.intake_gate(),
+            gate: cfg.backpressure.then(|| store.intake_gate()),
             store,
             registry,
             dead_letters,
@@ -409,7 +410,7 @@ impl Source {
     }
 
     /// Routes the batch and writes it to the store in the background, once
-    /// the endpoint workers have caught up (backpressure, `store::IntakeGate`).
+    /// the endpoint workers have caught up when `source.backpressure` is on.
     async fn flush(
         &self,
         batch: &mut Vec<(Event, u64)>,
@@ -420,9 +421,11 @@ impl Source {
         if batch.is_empty() {
             return;
         }
-        let waited = self.gate.admit(shutdown).await;
-        if !waited.is_zero() {
-            metrics::histogram!(m::INTAKE_WAIT).record(waited.as_secs_f64());
+        if let Some(gate) = &self.gate {
+            let waited = gate.admit(shutdown).await;
+            if !waited.is_zero() {
+                metrics::histogram!(m::INTAKE_WAIT).record(waited.as_secs_f64());
+            }
         }
         let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         let table = self.registry.snapshot();

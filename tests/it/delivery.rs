@@ -333,8 +333,9 @@ async fn a_slow_endpoint_does_not_slow_a_fast_one() {
     d.stop().await;
 }
 
-/// The consumer waits while the workers will deliver 4,096 or more ready
-/// deliveries within 0.5 s, each endpoint at its own pace (store::IntakeGate).
+/// With `source.backpressure` on, the consumer waits while the workers will
+/// deliver 4,096 or more ready deliveries within 0.5 s, each endpoint at its
+/// own pace (store::IntakeGate).
 /// Slow endpoints holding more than that must not make it wait: here ten
 /// endpoints that answer nothing hold 5,000 (a rule on the whole ready queue
 /// would wait), and the consumer must not wait once while a fast endpoint's
@@ -354,7 +355,9 @@ async fn slow_endpoints_holding_a_large_backlog_do_not_hold_intake() {
         })
         .collect();
     eps += &endpoint("fast", &fast.url("/"), "event_types = [\"Fast\"]");
-    let d = Daemon::start(&config(&kafka, &topic, dir.path(), FAST_RETRY, &eps)).await;
+    let toml =
+        config(&kafka, &topic, dir.path(), FAST_RETRY, &eps).replace("[source]\n", "[source]\nbackpressure = true\n");
+    let d = Daemon::start(&toml).await;
     let backlog: Vec<Vec<u8>> = (0..slow_endpoints * per_slow)
         .map(|n| event(&format!("evt_gate_slow_{n}"), &format!("Slow{}", n % slow_endpoints)))
         .collect();
