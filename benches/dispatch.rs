@@ -102,7 +102,7 @@ fn store_batch(c: &mut Criterion) {
     g.throughput(Throughput::Elements(BATCH as u64));
     for sync_writes in [true, false] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let opts = StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes };
+        let opts = StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes, backpressure: false };
         let store = Store::open(dir.path(), opts).expect("store");
         let next = AtomicU64::new(0);
         let name = format!("intake_batch_of_{BATCH}_sync_{sync_writes}");
@@ -132,8 +132,11 @@ fn pipeline(c: &mut Criterion) {
     }
     let cfg = Config::from_toml_str(&toml, Vec::new()).expect("valid");
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path(), StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes: true })
-        .expect("store");
+    let store = Store::open(
+        dir.path(),
+        StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes: true, backpressure: false },
+    )
+    .expect("store");
     let kafka = rdkafka::ClientConfig::new().set("bootstrap.servers", mock.bootstrap_servers()).clone();
     let health = Arc::new(webhookd::telemetry::admin::Health::default());
     let deliverer = Arc::new(Deliverer {

@@ -105,7 +105,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         embedded.as_ref().map_or_else(|| config.source.brokers.join(","), |b| b.bootstrap_servers().to_owned());
 
     let store_path = config.store.path.clone();
-    let opts = StoreOptions { dedup_window: config.store.dedup_window, sync_writes: config.store.sync_writes };
+    let opts = StoreOptions {
+        dedup_window: config.store.dedup_window,
+        sync_writes: config.store.sync_writes,
+        backpressure: config.source.backpressure,
+    };
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, opts))
         .await
         .map_err(|e| AppError::Task(e.to_string()))??;

@@ -56,16 +56,23 @@ struct Share {
 }
 
 /// One group's changes to the endpoints' shares (endpoint id → ready delta,
-/// delivered), applied once it commits.
+/// delivered), applied once it commits. The default keeps nothing: without
+/// backpressure the writer does no work for it.
 #[derive(Debug, Default)]
-pub(super) struct Changes(HashMap<Vec<u8>, (i64, u64)>);
+pub(super) struct Changes(Option<HashMap<Vec<u8>, (i64, u64)>>);
 
 impl Changes {
+    /// Changes that are kept (backpressure on).
+    pub(super) fn kept() -> Changes {
+        Changes(Some(HashMap::new()))
+    }
+
     pub(super) fn add(&mut self, endpoint: &[u8], ready: i64, delivered: u64) {
-        match self.0.get_mut(endpoint) {
+        let Some(map) = &mut self.0 else { return };
+        match map.get_mut(endpoint) {
             Some(c) => *c = (c.0 + ready, c.1 + delivered),
             None => {
-                self.0.insert(endpoint.to_vec(), (ready, delivered));
+                map.insert(endpoint.to_vec(), (ready, delivered));
             }
         }
     }
@@ -84,7 +91,7 @@ impl Backlog {
     }
 
     pub(super) fn apply(&mut self, changes: &mut Changes) {
-        for (endpoint, (ready, delivered)) in changes.0.drain() {
+        for (endpoint, (ready, delivered)) in changes.0.iter_mut().flat_map(|m| m.drain()) {
             let share = self.endpoints.entry(endpoint.into()).or_default();
             share.ready = (share.ready + ready).max(0);
             share.delivered += delivered;
@@ -200,7 +207,7 @@ mod tests {
 
     /// `n` delivered by each of `endpoints` (one group's outcomes).
     fn deliver(b: &mut Backlog, endpoints: &[&str], n: i64) {
-        let mut c = Changes::default();
+        let mut c = Changes::kept();
         for e in endpoints {
             c.add(e.as_bytes(), -n, n as u64);
         }
@@ -240,7 +247,7 @@ mod tests {
         assert_eq!(b.sweep(t0 + SWEEP + MAX_PAUSE), Some(0));
         assert!(b.endpoints.is_empty());
         // Deleting what was stored before a restart never drives a count below 0.
-        let mut c = Changes::default();
+        let mut c = Changes::kept();
         c.add(b"a", -5, 5);
         b.apply(&mut c);
         assert_eq!(b.endpoints[&b"a"[..]].ready, 0);

@@ -286,6 +286,9 @@ pub struct Depth {
 pub struct StoreOptions {
     pub dedup_window: Duration,
     pub sync_writes: bool,
+    /// Keep each endpoint's ready count and pace for the intake gate
+    /// (`source.backpressure`); off, the writer does no work for it.
+    pub backpressure: bool,
 }
 
 /// The open database. After a failed write (a full or failing disk) RocksDB
@@ -429,8 +432,14 @@ impl Store {
         let window_ms = i64::try_from(opts.dedup_window.as_millis()).unwrap_or(i64::MAX);
         let db = Arc::new(open_db(path, window_ms)?);
         let depth = Arc::new(Depth::default());
-        let ready = ready_by_endpoint(&db)?;
-        depth.ready.store(ready.values().sum(), Ordering::Relaxed);
+        let backlog = if opts.backpressure {
+            let ready = ready_by_endpoint(&db)?;
+            depth.ready.store(ready.values().sum(), Ordering::Relaxed);
+            Some(Backlog::new(ready))
+        } else {
+            depth.ready.store(count(&db, CF_READY)?, Ordering::Relaxed);
+            None
+        };
         depth.waiting.store(count(&db, CF_WAITING)?, Ordering::Relaxed);
         let drainable = Arc::new(Drainable::default());
         let wake = Arc::new(Wakeups::default());
@@ -441,7 +450,7 @@ impl Store {
             db.clone(),
             rx,
             wake.clone(),
-            (depth.clone(), Backlog::new(ready), drainable.clone()),
+            (depth.clone(), backlog, drainable.clone()),
             healthy.clone(),
             opts.sync_writes,
             window_ms,
@@ -880,7 +889,7 @@ mod tests {
     }
 
     fn open(dir: &Path, window: Duration) -> Store {
-        Store::open(dir, StoreOptions { dedup_window: window, sync_writes: true }).expect("open")
+        Store::open(dir, StoreOptions { dedup_window: window, sync_writes: true, backpressure: true }).expect("open")
     }
 
     #[tokio::test]
@@ -1255,8 +1264,11 @@ mod tests {
     #[tokio::test]
     async fn write_ahead_logs_stay_bounded_while_the_outbox_churns() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(dir.path(), StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes: false })
-            .expect("open");
+        let s = Store::open(
+            dir.path(),
+            StoreOptions { dedup_window: Duration::from_secs(3600), sync_writes: false, backpressure: false },
+        )
+        .expect("open");
         let payload = Bytes::from(vec![b'x'; 16 << 10]);
         let (mut written, mut peak, mut cursor) = (0u64, 0u64, None);
         for batch in 0..300 {

@@ -87,8 +87,9 @@ pub(super) struct Writer {
     rx: mpsc::Receiver<Op>,
     wake: Arc<Wakeups>,
     depth: Arc<Depth>,
-    /// Each endpoint's share of the ready queue, and where their sum goes.
-    backlog: Backlog,
+    /// Each endpoint's share of the ready queue (only with backpressure on),
+    /// and where their sum goes.
+    backlog: Option<Backlog>,
     drainable: Arc<Drainable>,
     healthy: Arc<AtomicBool>,
     sync_writes: bool,
@@ -131,7 +132,7 @@ impl Writer {
         db: Arc<DbCell>,
         rx: mpsc::Receiver<Op>,
         wake: Arc<Wakeups>,
-        (depth, backlog, drainable): (Arc<Depth>, Backlog, Arc<Drainable>),
+        (depth, backlog, drainable): (Arc<Depth>, Option<Backlog>, Arc<Drainable>),
         healthy: Arc<AtomicBool>,
         sync_writes: bool,
         dedup_window_ms: i64,
@@ -219,6 +220,9 @@ impl Writer {
                 }
             };
             let mut g = Group::default();
+            if self.backlog.is_some() {
+                g.shares = Changes::kept();
+            }
             let seq_before = self.next_seq;
             for Unanswered { ready_key, slot } in std::mem::take(&mut self.undelivered) {
                 self.apply(&db, Op::Delivered { ready_key, reply: None, slot }, &mut g);
@@ -246,10 +250,12 @@ impl Writer {
                     self.healthy.store(true, Ordering::Release);
                     let ready = self.depth.ready.fetch_add(g.ready_delta, Ordering::AcqRel) + g.ready_delta;
                     let waiting = self.depth.waiting.fetch_add(g.waiting_delta, Ordering::AcqRel) + g.waiting_delta;
-                    self.backlog.apply(&mut g.shares);
-                    let now = Instant::now();
-                    if let Some(sum) = self.backlog.sweep(now) {
-                        self.drainable.publish(sum, now);
+                    if let Some(backlog) = &mut self.backlog {
+                        backlog.apply(&mut g.shares);
+                        let now = Instant::now();
+                        if let Some(sum) = backlog.sweep(now) {
+                            self.drainable.publish(sum, now);
+                        }
                     }
                     metrics::gauge!(m::OUTBOX_READY).set(ready as f64);
                     metrics::gauge!(m::OUTBOX_WAITING).set(waiting as f64);
