@@ -4,7 +4,7 @@
 //! hyper client at the same concurrency.
 //!
 //!   ./scripts/load-bench [--events N] [--endpoints E] [--broker tansu|mock|both] [--in-flight K]
-//!                        [--kafka key=value]... [--env NAME=value]... [--park N] [--stuck S] [--backpressure]
+//!                        [--kafka key=value]... [--env NAME=value]... [--park N] [--stuck S] [--no-backpressure]
 //!
 //! The broker is a tansu process by default. librdkafka's in-process mock
 //! cluster (`--broker mock`) works, but has been seen to stall under sustained
@@ -89,7 +89,7 @@ struct Args {
     park: usize,
     /// Endpoints that never answer, each holding [`STUCK_EACH`] ready deliveries (`--stuck S`).
     stuck: usize,
-    /// `source.backpressure = true` (`--backpressure`).
+    /// `source.backpressure`: on, as by default, unless `--no-backpressure`.
     backpressure: bool,
 }
 
@@ -106,7 +106,7 @@ fn args() -> Args {
         env: Vec::new(),
         park: 0,
         stuck: 0,
-        backpressure: false,
+        backpressure: true,
         bin: std::env::var("WEBHOOKD_TEST_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/webhookd")),
@@ -118,7 +118,7 @@ fn args() -> Args {
             "--events" => a.events = value().parse().expect("--events: a number"),
             "--park" => a.park = value().parse().expect("--park: a number"),
             "--stuck" => a.stuck = value().parse().expect("--stuck: a number"),
-            "--backpressure" => a.backpressure = true,
+            "--no-backpressure" => a.backpressure = false,
             "--endpoints" => a.endpoints = value().parse().expect("--endpoints: a number"),
             "--in-flight" => a.in_flight = value().parse().expect("--in-flight: a number"),
             "--broker" => {

@@ -62,10 +62,8 @@ pub struct SourceConfig {
     pub max_event_bytes: NonZeroUsize,
     pub batch_max: NonZeroUsize,
     pub batch_linger: Duration,
-    /// Hold intake while the endpoint workers catch up (`store::IntakeGate`).
-    /// Off by default: many endpoints that are slow but still deliver fast
-    /// together count as the machine's backlog, and would hold the others'
-    /// events in Kafka.
+    /// Hold intake while the machine is behind on deliveries
+    /// (`store::IntakeGate`). On by default.
     pub backpressure: bool,
     pub commit_interval: Duration,
     pub session_timeout: Duration,
@@ -335,7 +333,7 @@ impl Config {
             max_event_bytes: r.get("source.max_event_bytes", nz_usize(1024 * 1024)),
             batch_max: r.get("source.batch_max", nz_usize(512)),
             batch_linger: r.duration("source.batch_linger", Duration::ZERO),
-            backpressure: r.get("source.backpressure", false),
+            backpressure: r.get("source.backpressure", true),
             commit_interval: r.positive_duration("source.commit_interval", Duration::from_secs(1)),
             session_timeout: r.positive_duration("source.session_timeout", Duration::from_secs(10)),
             embedded_partitions: r.get("source.embedded_partitions", NonZeroU32::MIN.saturating_add(3)),

@@ -253,8 +253,8 @@ impl Writer {
                     if let Some(backlog) = &mut self.backlog {
                         backlog.apply(&mut g.shares);
                         let now = Instant::now();
-                        if let Some(sum) = backlog.sweep(now) {
-                            self.drainable.publish(sum, now);
+                        if let Some(reading) = backlog.sweep(now) {
+                            self.drainable.publish(reading, now);
                         }
                     }
                     metrics::gauge!(m::OUTBOX_READY).set(ready as f64);

@@ -7,6 +7,7 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -380,6 +381,53 @@ impl Receiver {
     /// Waits for `n` requests.
     pub async fn wait_for(&self, n: usize) -> Vec<Hit> {
         self.wait_until(&format!("{n} requests"), |h| h.len() >= n).await
+    }
+}
+
+/// A receiver for many requests: it keeps only their count (a [`Receiver`]
+/// keeps every request, and its attempt numbering costs a scan of them all).
+pub struct Counting {
+    pub addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+}
+
+impl Counting {
+    /// Answers every request 200 after `delay`.
+    pub async fn start(delay: Duration) -> Counting {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let addr = listener.local_addr().expect("addr");
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let c = c.clone();
+                        async move {
+                            req.into_body().collect().await?;
+                            c.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        Counting { addr, count }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Requests received so far.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
     }
 }
 
