@@ -391,12 +391,13 @@ mod tests {
         let slow: Vec<&str> = slow.iter().map(String::as_str).collect();
         let mut b = Backlog::new(slow.iter().map(|e| (e.as_bytes().to_vec(), 1_000)).collect());
         b.sweep(t0);
-        let mut fast = Changes::kept();
-        fast.add(b"fast", 10, 0);
-        b.apply(&mut fast);
         let mut at = t0;
         let mut last = None;
         for _ in 0..10 {
+            // Each window the fast endpoint gets 10 and delivers them.
+            let mut fast = Changes::kept();
+            fast.add(b"fast", 10, 0);
+            b.apply(&mut fast);
             deliver(&mut b, &slow, 3); // 3 per 20 ms: 150 a second each
             deliver(&mut b, &["fast"], 10);
             at += SWEEP;
