@@ -280,6 +280,9 @@ impl DeadQuery {
 pub struct Depth {
     pub ready: AtomicI64,
     pub waiting: AtomicI64,
+    /// Test hook: the writer's next write fails without writing.
+    #[cfg(test)]
+    fail_next_write: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -1070,6 +1073,30 @@ mod tests {
         let ids: Vec<&str> = items.iter().map(|i| i.delivery.event_id.as_str()).collect();
         assert_eq!(ids, ["e3"], "e1's delete was kept, and written with the next group");
         assert_eq!(s.depth().ready.load(Ordering::Relaxed), 1);
+        s.close().await;
+    }
+
+    /// A delivered delete nobody waits for, whose write fails, is kept and
+    /// written once the store is reopened (the failure injected, the reopen
+    /// real).
+    #[tokio::test]
+    async fn a_delivered_delete_whose_write_failed_is_kept_and_written_after_the_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, items) = one_ready(dir.path()).await;
+        s.depth.fail_next_write.store(true, Ordering::Release);
+        s.delivered(items[0].key.clone(), &mut None).await.expect("queued");
+        // The next write either shares the failed group (and hears of it) or
+        // follows it and reopens the store first.
+        let mut tries = 0;
+        while s.intake(Arc::new(vec![new_event("e2", &["b"])])).await.is_err() {
+            tries += 1;
+            assert!(tries < 3, "the store did not recover");
+        }
+        assert!(!s.depth.fail_next_write.load(Ordering::Acquire), "no write failed: the test shows nothing");
+        assert!(s.is_healthy());
+        let (left, _) = s.load_ready("a", None, 10).await.expect("load");
+        assert!(left.is_empty(), "the delete was lost with the failed write: {left:?}");
+        assert_eq!(s.depth().ready.load(Ordering::Relaxed), 1, "e2 only");
         s.close().await;
     }
 

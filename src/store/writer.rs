@@ -242,7 +242,15 @@ impl Writer {
             let mut wo = WriteOptions::default();
             wo.set_sync(g.sync);
             let started = Instant::now();
-            let result = db.write_opt(g.batch, &wo).map_err(StoreError::from);
+            #[cfg(test)]
+            let injected = self.depth.fail_next_write.swap(false, Ordering::AcqRel);
+            #[cfg(not(test))]
+            let injected = false;
+            let result = if injected {
+                Err(StoreError::Task("injected write failure".into()))
+            } else {
+                db.write_opt(g.batch, &wo).map_err(StoreError::from)
+            };
             self.write_duration.record(started.elapsed());
             drop(db);
             match &result {
