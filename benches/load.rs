@@ -426,13 +426,24 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     series(&admin_get(addr, "/metrics").await, name)
 }
 
+/// Polls webhookd's `/metrics` every `poll` until `name` reaches `at_least`;
+/// panics, naming `what`, after [`PHASE_LIMIT`].
+async fn await_metric(addr: SocketAddr, name: &str, at_least: usize, poll: Duration, what: &str) {
+    let deadline = Instant::now() + PHASE_LIMIT;
+    while metric(addr, name).await.unwrap_or(0.0) < at_least as f64 {
+        assert!(Instant::now() < deadline, "timed out waiting for {what} ({name} ≥ {at_least})");
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// One unlabelled series in a `/metrics` text.
 fn series(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// How often webhookd's consumer has waited for the outbox's ready queue to
-/// drain (`store::IntakeGate`), and for how long in all, from its `/metrics`.
+/// How often webhookd's consumer has waited for its workers to catch up
+/// (backpressure, `store::IntakeGate`), and for how long in all, from its
+/// `/metrics`.
 async fn intake_waits(addr: SocketAddr) -> (f64, f64) {
     let text = admin_get(addr, "/metrics").await;
     let value = |name| series(&text, name).unwrap_or(0.0);
@@ -534,11 +545,8 @@ async fn park_and_drain(
     std::fs::write(format!("/proc/{}/clear_refs", w.pid()), "5").expect("reset webhookd's peak RSS");
     let start = Instant::now();
     produce(p, topic, run, first..first + a.park, (a.endpoints, "loc"), None).await;
-    let deadline = Instant::now() + PHASE_LIMIT;
-    while metric(w.admin, "webhookd_outbox_waiting_deliveries").await.unwrap_or(0.0) < a.park as f64 {
-        assert!(Instant::now() < deadline, "the parked deliveries did not all reach the retry schedule in time");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let what = "the parked deliveries all in the retry schedule";
+    await_metric(w.admin, "webhookd_outbox_waiting_deliveries", a.park, Duration::from_millis(500), what).await;
     let park_s = start.elapsed().as_secs_f64();
     let rss_mib = proc_status_kib(w.pid(), "VmRSS:") as f64 / 1024.0;
     rx.reset(false);
@@ -763,11 +771,8 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     if a.stuck > 0 {
         let held = a.stuck * STUCK_EACH;
         produce(&p, &topic, &format!("{run}s"), 0..held, (a.stuck, "stuck"), None).await;
-        let deadline = Instant::now() + PHASE_LIMIT;
-        while metric(w.admin, "webhookd_outbox_ready_deliveries").await.unwrap_or(0.0) < held as f64 {
-            assert!(Instant::now() < deadline, "the stuck endpoints' {held} deliveries not in the outbox");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = "the stuck endpoints' deliveries in the outbox";
+        await_metric(w.admin, "webhookd_outbox_ready_deliveries", held, Duration::from_millis(50), what).await;
         println!("{} endpoints that never answer hold {held} ready deliveries", a.stuck);
     }
     settle_writeback();

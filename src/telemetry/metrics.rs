@@ -74,9 +74,10 @@ pub const OFFSET_COMMITS: &str = "webhookd_offset_commits_total";
 /// `store.sync_writes` is on. Every event waits for one.
 pub const STORE_WRITE_DURATION: &str = "webhookd_store_write_duration_seconds";
 /// Each wait of the consumer for the endpoint workers to catch up
-/// (`store::IntakeGate`): they will deliver 4,096 or more ready deliveries
-/// within 0.5 s, each endpoint at its own pace, so the machine is behind and
-/// more intake would only wait in the store.
+/// (`store::IntakeGate`): the machine is behind on deliveries (the workers
+/// are busy, have 4,096 or more ready deliveries that they will deliver within
+/// 0.5 s, and no endpoint has run dry), so more intake would only wait in the
+/// store.
 pub const INTAKE_WAIT: &str = "webhookd_intake_wait_seconds";
 /// Failed RocksDB writes.
 pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";

@@ -389,7 +389,8 @@ async fn slow_endpoints_holding_a_large_backlog_do_not_hold_intake() {
 async fn slow_endpoints_that_deliver_a_lot_together_do_not_hold_intake() {
     let kafka = Kafka::start();
     let topic = kafka.topic("intake-gate-many", 1).await;
-    let slow = Counting::start(Duration::from_millis(100)).await;
+    let slow =
+        Receiver::start(|_: &Hit| Reply { status: 200, delay: Duration::from_millis(100), retry_after: None }).await;
     let fast = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let slow_endpoints = 100;

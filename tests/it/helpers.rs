@@ -3,11 +3,11 @@
 //! RocksDB in a temp dir, and HTTP receivers on 127.0.0.1:0 whose answers the
 //! test controls.
 
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -285,8 +285,15 @@ impl Reply {
 
 type Behaviour = Arc<dyn Fn(&Hit) -> Reply + Send + Sync>;
 
+/// Every request so far, and how many came with each webhook-id.
+#[derive(Default)]
+struct Hits {
+    all: Vec<Hit>,
+    attempts: HashMap<String, usize>,
+}
+
 struct ReceiverState {
-    hits: Mutex<Vec<Hit>>,
+    hits: Mutex<Hits>,
     changed: Notify,
     behaviour: RwLock<Behaviour>,
 }
@@ -310,7 +317,7 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind(bind).await.expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(ReceiverState {
-            hits: Mutex::new(Vec::new()),
+            hits: Mutex::default(),
             changed: Notify::new(),
             behaviour: RwLock::new(Arc::new(behaviour)),
         });
@@ -354,7 +361,7 @@ impl Receiver {
     }
 
     pub fn hits(&self) -> Vec<Hit> {
-        self.state.hits.lock().expect("lock").clone()
+        self.state.hits.lock().expect("lock").all.clone()
     }
 
     /// Waits until `pred` holds over the hits so far; fails the test after [`WAIT`].
@@ -378,56 +385,14 @@ impl Receiver {
         }
     }
 
+    /// Requests so far (without copying them, unlike [`Receiver::hits`]).
+    pub fn count(&self) -> usize {
+        self.state.hits.lock().expect("lock").all.len()
+    }
+
     /// Waits for `n` requests.
     pub async fn wait_for(&self, n: usize) -> Vec<Hit> {
         self.wait_until(&format!("{n} requests"), |h| h.len() >= n).await
-    }
-}
-
-/// A receiver for many requests: it keeps only their count (a [`Receiver`]
-/// keeps every request, and its attempt numbering costs a scan of them all).
-pub struct Counting {
-    pub addr: SocketAddr,
-    count: Arc<AtomicUsize>,
-}
-
-impl Counting {
-    /// Answers every request 200 after `delay`.
-    pub async fn start(delay: Duration) -> Counting {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
-        let addr = listener.local_addr().expect("addr");
-        let count = Arc::new(AtomicUsize::new(0));
-        let c = count.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let c = c.clone();
-                        async move {
-                            req.into_body().collect().await?;
-                            c.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(delay).await;
-                            Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
-                        }
-                    });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        });
-        Counting { addr, count }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// Requests received so far.
-    pub fn count(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
     }
 }
 
@@ -439,12 +404,16 @@ async fn handle(s: Arc<ReceiverState>, req: Request<Incoming>) -> Result<Respons
     let webhook_id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let reply = {
         let mut hits = s.hits.lock().expect("lock");
-        let attempt = hits.iter().filter(|h| h.webhook_id == webhook_id).count() + 1;
+        let attempt = {
+            let n = hits.attempts.entry(webhook_id.clone()).or_default();
+            *n += 1;
+            *n
+        };
         let mut hit = Hit { path, headers, body, at, webhook_id, attempt, status: 0 };
         let behaviour = s.behaviour.read().expect("lock").clone();
         let reply = behaviour(&hit);
         hit.status = reply.status;
-        hits.push(hit);
+        hits.all.push(hit);
         reply
     };
     s.changed.notify_waiters();
