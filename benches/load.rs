@@ -7,8 +7,9 @@
 //!                        [--kafka key=value]... [--env NAME=value]... [--park N] [--stuck S] [--no-backpressure]
 //!
 //! The broker is a tansu process by default. librdkafka's in-process mock
-//! cluster (`--broker mock`) works, but has been seen to stall under sustained
-//! load (producer and commits hanging), so it is not the default.
+//! cluster (`--broker mock`) also works. It keeps only the last 5 MiB of each
+//! partition, so on it the topic gets as many partitions as a phase's events
+//! need to wait there unread (4 on tansu).
 //!
 //! Each event (~1 KiB) goes to exactly one of the E endpoints (by
 //! `locationId`), so events/s = deliveries/s. With `--stuck S`, S more
@@ -71,6 +72,14 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// No phase may take longer than this.
 const PHASE_LIMIT: Duration = support::WAIT_LIMIT;
 const PARTITIONS: i32 = 4;
+/// librdkafka's mock cluster keeps at most 5 MiB of each partition's log
+/// (`rd_kafka_mock_partition_init`) and drops the oldest beyond that, read or
+/// not: a consumer behind by more is reset past events it never saw. Topics on
+/// it get enough partitions to hold a whole phase's events unread, at this
+/// much per partition (under 5 MiB, for the records' framing).
+const MOCK_PARTITION_BYTES: usize = 4 << 20;
+/// An event's record on the broker, at most: its ~1 KiB body, key and headers.
+const RECORD_BYTES: usize = 1_300;
 const PACED_FOR: Duration = Duration::from_secs(5);
 /// Counted ceiling passes (the median counts), after one warm-up pass.
 const CEILING_RUNS: usize = 5;
@@ -179,12 +188,16 @@ async fn start_broker(kind: &str) -> (Broker, String) {
     (Broker::Tansu(t), bootstrap)
 }
 
-async fn create_topics(broker: &Broker, bootstrap: &str, topic: &str) {
+/// Creates `topic` (and its dead-letter topic) for up to `backlog` events
+/// produced before any is read; returns its partition count.
+async fn create_topics(broker: &Broker, bootstrap: &str, topic: &str, backlog: usize) -> i32 {
     let dlq = format!("{topic}.dlq");
     if let Broker::Mock(m) = broker {
-        m.create_topic(topic, PARTITIONS, 1).expect("create topic");
+        let needed = (backlog * RECORD_BYTES).div_ceil(MOCK_PARTITION_BYTES);
+        let partitions = PARTITIONS.max(i32::try_from(needed).expect("partition count"));
+        m.create_topic(topic, partitions, 1).expect("create topic");
         m.create_topic(&dlq, 1, 1).expect("create topic");
-        return;
+        return partitions;
     }
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
@@ -193,6 +206,7 @@ async fn create_topics(broker: &Broker, bootstrap: &str, topic: &str) {
         NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
     ];
     admin.create_topics(&topics, &AdminOptions::new()).await.expect("create topics");
+    PARTITIONS
 }
 
 // ---------------------------------------------------------------- webhookd
@@ -665,7 +679,7 @@ async fn broker_floor(
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let topic = format!("load-{run}-floor");
-    create_topics(kafka, bootstrap, &topic).await;
+    let partitions = create_topics(kafka, bootstrap, &topic, n).await;
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", bootstrap).set("group.id", format!("floor-{run}")).set("enable.auto.commit", "false");
     // webhookd's consumer defaults, then the same overrides.
@@ -677,7 +691,7 @@ async fn broker_floor(
     }
     let consumer: StreamConsumer = cfg.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
+    for partition in 0..partitions {
         tpl.add_partition_offset(&topic, partition, Offset::Beginning).expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
@@ -762,7 +776,13 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     let (kafka, bootstrap) = start_broker(broker).await;
     let run = format!("{:x}", unix_us());
     let topic = format!("load-{run}");
-    create_topics(&kafka, &bootstrap, &topic).await;
+    // The most produced ahead of webhookd: one phase's events (the paced
+    // phase's are read as they come).
+    let backlog = a.events.max(a.park).max(a.stuck * STUCK_EACH);
+    let partitions = create_topics(&kafka, &bootstrap, &topic, backlog).await;
+    if partitions != PARTITIONS {
+        println!("topic with {partitions} partitions, to hold {backlog} events within the mock cluster's 5 MiB each");
+    }
     let (rx, receiver) = Receiver::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let stuck = stuck_listener().await;
