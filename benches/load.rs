@@ -530,6 +530,30 @@ fn slow_events(samples: &[(u64, u64)]) {
     );
 }
 
+/// The p99 latency of the events sent in each second of a paced phase. The
+/// broker's cost per message grows within such a phase (its CPU each second
+/// is printed too), so where the phase's p99 comes from matters: a pause, or
+/// the last seconds' load.
+fn print_p99_each_second(samples: &[(u64, u64)], phase: &str) {
+    let Some(start) = samples.iter().map(|&(sent, _)| sent).min() else { return };
+    let mut seconds: Vec<Vec<u64>> = Vec::new();
+    for &(sent, latency) in samples {
+        let i = usize::try_from((sent - start) / 1_000_000).expect("second");
+        if seconds.len() <= i {
+            seconds.resize_with(i + 1, Vec::new);
+        }
+        seconds[i].push(latency);
+    }
+    let p99: Vec<String> = seconds
+        .iter_mut()
+        .map(|lat| {
+            lat.sort_unstable();
+            format!("{:.1}", percentile(lat, 0.99))
+        })
+        .collect();
+    println!("  p99 of the events sent in each second of {phase}: {} ms", p99.join(" "));
+}
+
 /// Figures of the park-and-drain phase.
 struct Parked {
     events: usize,
@@ -703,7 +727,7 @@ async fn broker_floor(
         while lat.len() < n {
             let m = consumer.recv().await.expect("consume");
             let sent = sent_us(m.payload().unwrap_or_default()).expect("the event's send stamp");
-            lat.push(unix_us().saturating_sub(sent));
+            lat.push((sent, unix_us().saturating_sub(sent)));
         }
         lat
     };
@@ -711,7 +735,9 @@ async fn broker_floor(
         produce(p, &topic, run, 1..n + 1, (a.endpoints, "loc"), Some(rate)),
         tokio::time::timeout(PHASE_LIMIT, consume)
     );
-    let mut lat = lat.expect("the broker floor phase finished in time");
+    let samples = lat.expect("the broker floor phase finished in time");
+    print_p99_each_second(&samples, "the broker-alone phase");
+    let mut lat: Vec<u64> = samples.iter().map(|&(_, l)| l).collect();
     lat.sort_unstable();
     lat
 }
@@ -838,6 +864,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     print_intake_waits("the half-rate phase", intake_waits(w.admin).await, waits);
     let samples = rx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
     slow_events(&samples);
+    print_p99_each_second(&samples, "the half-rate phase");
     let mut lat: Vec<u64> = samples.iter().map(|&(_, l)| l).collect();
     lat.sort_unstable();
     let parked = if a.park > 0 {
