@@ -188,25 +188,33 @@ async fn start_broker(kind: &str) -> (Broker, String) {
     (Broker::Tansu(t), bootstrap)
 }
 
-/// Creates `topic` (and its dead-letter topic) for up to `backlog` events
-/// produced before any is read; returns its partition count.
-async fn create_topics(broker: &Broker, bootstrap: &str, topic: &str, backlog: usize) -> i32 {
+/// The source topic's partitions, for up to `backlog` events produced
+/// before any is read.
+fn partitions_for(broker: &Broker, backlog: usize) -> i32 {
+    match broker {
+        Broker::Mock(_) => {
+            let needed = (backlog * RECORD_BYTES).div_ceil(MOCK_PARTITION_BYTES);
+            PARTITIONS.max(i32::try_from(needed).expect("partition count"))
+        }
+        Broker::Tansu(_) => PARTITIONS,
+    }
+}
+
+/// Creates `topic`, with `partitions`, and its dead-letter topic.
+async fn create_topics(broker: &Broker, bootstrap: &str, topic: &str, partitions: i32) {
     let dlq = format!("{topic}.dlq");
     if let Broker::Mock(m) = broker {
-        let needed = (backlog * RECORD_BYTES).div_ceil(MOCK_PARTITION_BYTES);
-        let partitions = PARTITIONS.max(i32::try_from(needed).expect("partition count"));
         m.create_topic(topic, partitions, 1).expect("create topic");
         m.create_topic(&dlq, 1, 1).expect("create topic");
-        return partitions;
+        return;
     }
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
     let topics = [
-        NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1)),
+        NewTopic::new(topic, partitions, TopicReplication::Fixed(1)),
         NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
     ];
     admin.create_topics(&topics, &AdminOptions::new()).await.expect("create topics");
-    PARTITIONS
 }
 
 // ---------------------------------------------------------------- webhookd
@@ -691,10 +699,10 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 /// this process, assigned (no group join) to a fresh topic, with webhookd's
 /// fetch settings and `--kafka`. It runs after webhookd stopped, so it is
 /// the floor under webhookd's figure: what the broker and client alone take.
+/// Its topic has as many partitions as webhookd's.
 async fn broker_floor(
     a: &Args,
-    kafka: &Broker,
-    bootstrap: &str,
+    (kafka, bootstrap, partitions): (&Broker, &str, i32),
     p: &FutureProducer,
     run: &str,
     rate: f64,
@@ -703,7 +711,7 @@ async fn broker_floor(
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let topic = format!("load-{run}-floor");
-    let partitions = create_topics(kafka, bootstrap, &topic, n).await;
+    create_topics(kafka, bootstrap, &topic, partitions).await;
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", bootstrap).set("group.id", format!("floor-{run}")).set("enable.auto.commit", "false");
     // webhookd's consumer defaults, then the same overrides.
@@ -805,7 +813,8 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     // The most produced ahead of webhookd: one phase's events (the paced
     // phase's are read as they come).
     let backlog = a.events.max(a.park).max(a.stuck * STUCK_EACH);
-    let partitions = create_topics(&kafka, &bootstrap, &topic, backlog).await;
+    let partitions = partitions_for(&kafka, backlog);
+    create_topics(&kafka, &bootstrap, &topic, partitions).await;
     if partitions != PARTITIONS {
         println!("topic with {partitions} partitions, to hold {backlog} events within the mock cluster's 5 MiB each");
     }
@@ -890,7 +899,7 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
     let floor = print_broker_cpu_each_second(
         kafka.pid(),
         "the broker-alone phase",
-        broker_floor(a, &kafka, &bootstrap, &p, &run, half, paced),
+        broker_floor(a, (&kafka, &bootstrap, partitions), &p, &run, half, paced),
     )
     .await;
     net.since(&rx, "the broker-alone phase");
