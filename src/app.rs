@@ -92,7 +92,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
             bootstrap = broker.bootstrap_servers(),
             topics = ?topics,
             "no brokers configured: started the embedded Kafka-protocol broker (librdkafka mock cluster) on loopback. \
-             It KEEPS NOTHING: its topics and offsets vanish when webhookd stops. Publish to it with any Kafka client, \
+             It KEEPS NOTHING: its topics and offsets vanish when webhookd stops, and each partition holds at most \
+             5 MiB, dropping its oldest records even if unread. Publish to it with any Kafka client, \
              e.g. `kcat -P -b {} -t {}`",
             broker.bootstrap_servers(),
             config.source.topics[0],
