@@ -107,8 +107,29 @@ fn tp_list(items: &[(Tp, i64)]) -> TopicPartitionList {
     tpl
 }
 
+/// Whether a librdkafka log line is an offset reset forced by an error:
+/// "TOPIC [P]: offset reset (at POSITION, broker B) to …: REASON: ERROR".
+/// Resets for want of a committed offset are debug lines and never match.
+fn is_forced_offset_reset(fac: &str, log_message: &str) -> bool {
+    fac == "OFFSET" && log_message.contains("]: offset reset (at ")
+}
+
 impl ClientContext for ConsumerCtx {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if is_forced_offset_reset(fac, log_message) {
+            // The broker no longer has the position webhookd was at (most
+            // often retention deleted events nobody had read yet): librdkafka
+            // resumes at the oldest offset still there (auto.offset.reset =
+            // earliest). What was deleted cannot be delivered.
+            metrics::counter!(m::CONSUMER_OFFSET_RESETS).increment(1);
+            tracing::error!(
+                target: "librdkafka",
+                fac,
+                "a partition's position is gone from the broker; consuming from the oldest offset it still has. \
+                 Events that retention deleted before webhookd read them are lost: {log_message}"
+            );
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", fac, "{log_message}")
@@ -243,6 +264,15 @@ impl Source {
             if !cfg.kafka.0.contains_key(key) {
                 client.set(key, value);
             }
+        }
+        // librdkafka drops log lines above the level rust-rdkafka derives from
+        // the log filter; the offset resets counted in `log` are warnings, so
+        // they must get through even with `log.level = "error"`.
+        if matches!(
+            client.log_level,
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error
+        ) {
+            client.set_log_level(RDKafkaLogLevel::Warning);
         }
         let consumer: KafkaConsumer = client
             .set("group.id", &cfg.group_id)
@@ -506,5 +536,21 @@ async fn probe(consumer: Arc<KafkaConsumer>, topic: String, health: Arc<Health>,
         if sleep_or_cancel(PROBE_INTERVAL, &shutdown).await {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_offset_resets_forced_by_an_error_match() {
+        // As librdkafka 2.12 logged it when the mock broker had dropped the position.
+        let forced = "[thrd:main]: load-661138a6da2c2 [0]: offset reset (at offset 3071 (leader epoch 0), broker 1) \
+                      to cached BEGINNING offset offset 5684 (leader epoch -1): fetch failed due to requested offset \
+                      not available on the broker: Broker: Offset out of range";
+        assert!(is_forced_offset_reset("OFFSET", forced));
+        assert!(!is_forced_offset_reset("FETCH", forced), "another facility");
+        assert!(!is_forced_offset_reset("OFFSET", "[thrd:main]: t [0]: committed offset 12 is stored"));
     }
 }

@@ -83,6 +83,7 @@ pub const INTAKE_WAIT: &str = "webhookd_intake_wait_seconds";
 pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";
 /// Stored records that could not be decoded and were quarantined.
 pub const STORE_CORRUPT_RECORDS: &str = "webhookd_store_corrupt_records_total";
+pub const CONSUMER_OFFSET_RESETS: &str = "webhookd_consumer_offset_resets_total";
 
 /// How often histogram samples are folded into buckets without a scrape.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -144,6 +145,11 @@ fn describe() {
         "The heap (jemalloc): allocated (live) and resident (held by the allocator)."
     );
     describe_counter!(OFFSET_COMMITS, Unit::Count, "Kafka offset commits by result.");
+    describe_counter!(
+        CONSUMER_OFFSET_RESETS,
+        Unit::Count,
+        "Partitions whose position the broker no longer had, reset to the oldest offset it has (events deleted by retention unread are skipped)."
+    );
     describe_histogram!(
         STORE_WRITE_DURATION,
         Unit::Seconds,
@@ -214,6 +220,7 @@ fn start_at_zero() {
         STORE_WRITE_ERRORS,
         STORE_CORRUPT_RECORDS,
         HOST_WAITS,
+        CONSUMER_OFFSET_RESETS,
     ] {
         metrics::counter!(name).increment(0);
     }

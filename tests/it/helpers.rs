@@ -181,6 +181,19 @@ impl Kafka {
     }
 
     /// The offset the group has committed for a partition (-1: none).
+    /// The oldest offset the broker still has for a partition.
+    pub async fn low_watermark(&self, topic: &str, partition: i32) -> i64 {
+        let (bootstrap, topic) = (self.bootstrap.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("client");
+            let (low, _) = c.fetch_watermarks(&topic, partition, Duration::from_secs(5)).expect("watermarks");
+            std::mem::forget(c);
+            low
+        })
+        .await
+        .expect("watermark task")
+    }
+
     pub async fn committed(&self, group: &str, topic: &str, partition: i32) -> i64 {
         let bootstrap = self.bootstrap.clone();
         let (group, topic) = (group.to_owned(), topic.to_owned());

@@ -1,5 +1,7 @@
 //! The Kafka side: bad input is contained, offsets never pass unsettled events.
 
+use std::collections::HashSet;
+
 use rdkafka::mocking::MockCoordinator;
 
 use crate::helpers::*;
@@ -91,6 +93,56 @@ async fn committed_offsets_never_pass_an_unsettled_event() {
     assert_eq!(dead[0]["source"]["offset"], 1);
     eventually("partition 0 committed past everything", || async { kafka.committed(&group, &topic, 0).await == 4 })
         .await;
+    d.stop().await;
+}
+
+/// Retention deleted events webhookd had not read yet (the mock broker keeps
+/// 5 MiB of a partition): at the restart its committed position is gone, the
+/// consumer resumes at the oldest offset the broker still has, and the reset
+/// is counted. Everything still there is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_deleted_by_retention_is_counted_and_consumption_resumes_at_the_oldest_offset() {
+    let kafka = Kafka::start();
+    if kafka.mock.is_none() {
+        eprintln!("skipped: needs the mock cluster's 5 MiB per partition");
+        return;
+    }
+    let topic = kafka.topic("retention", 1).await;
+    let group = format!("{topic}-group");
+    let rx = Receiver::start(Receiver::ok()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = config(&kafka, &topic, dir.path(), FAST_RETRY, &endpoint("a", &rx.url("/"), ""));
+    let d = Daemon::start(&toml).await;
+    kafka.produce(&topic, Some(0), &event("evt_r0", "ContactCreate")).await;
+    rx.wait_for(1).await;
+    eventually("offset 1 committed", || async { kafka.committed(&group, &topic, 0).await == 1 }).await;
+    assert_eq!(d.metric("webhookd_consumer_offset_resets_total").await, 0.0);
+    d.stop().await;
+
+    // While webhookd is down, about 6.4 MB more than the partition keeps.
+    let pad = "x".repeat(3_000);
+    let more: Vec<Vec<u8>> = (1..=2_100)
+        .map(|i| {
+            serde_json::json!({ "id": format!("evt_r{i}"), "type": "ContactCreate", "pad": pad })
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    kafka.produce_all(&topic, &more).await;
+    let low = kafka.low_watermark(&topic, 0).await;
+    assert!(low > 1, "the broker still has offset 1 (low watermark {low}): the case is not made");
+
+    let d = Daemon::start(&toml).await;
+    eventually("the reset counted", || async { d.metric("webhookd_consumer_offset_resets_total").await >= 1.0 }).await;
+    // Offsets low..=2100 are still there (produced concurrently, so in any order).
+    let retained = usize::try_from(2_101 - low).expect("count");
+    let on_broker: HashSet<String> =
+        kafka.read(&topic, 1, retained).await.iter().map(|v| v["id"].as_str().expect("id").to_owned()).collect();
+    assert_eq!(on_broker.len(), retained);
+    let hits = rx.wait_for(1 + retained).await;
+    let delivered: HashSet<String> = hits.iter().map(Hit::event_id).filter(|id| id != "evt_r0").collect();
+    assert_eq!(delivered, on_broker, "after the reset, exactly what the broker still has");
+    assert_eq!(hits.len(), 1 + retained, "nothing twice");
     d.stop().await;
 }
 
