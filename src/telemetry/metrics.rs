@@ -83,6 +83,7 @@ pub const INTAKE_WAIT: &str = "webhookd_intake_wait_seconds";
 pub const STORE_WRITE_ERRORS: &str = "webhookd_store_write_errors_total";
 /// Stored records that could not be decoded and were quarantined.
 pub const STORE_CORRUPT_RECORDS: &str = "webhookd_store_corrupt_records_total";
+/// Partitions whose position the broker no longer had (retention), reset to its oldest offset.
 pub const CONSUMER_OFFSET_RESETS: &str = "webhookd_consumer_offset_resets_total";
 
 /// How often histogram samples are folded into buckets without a scrape.

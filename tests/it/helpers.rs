@@ -180,7 +180,6 @@ impl Kafka {
         .expect("reader task")
     }
 
-    /// The offset the group has committed for a partition (-1: none).
     /// The oldest offset the broker still has for a partition.
     pub async fn low_watermark(&self, topic: &str, partition: i32) -> i64 {
         let (bootstrap, topic) = (self.bootstrap.clone(), topic.to_owned());
@@ -194,6 +193,7 @@ impl Kafka {
         .expect("watermark task")
     }
 
+    /// The offset the group has committed for a partition (-1: none).
     pub async fn committed(&self, group: &str, topic: &str, partition: i32) -> i64 {
         let bootstrap = self.bootstrap.clone();
         let (group, topic) = (group.to_owned(), topic.to_owned());
