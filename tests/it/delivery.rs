@@ -288,7 +288,7 @@ async fn endpoints_on_one_host_share_its_connection_cap() {
     // Each request takes 100 ms, so it occupies [arrival, arrival + 100 ms):
     // the next request on its connection can only arrive after that.
     let hold = Duration::from_millis(100);
-    let rx = Receiver::start(move |_: &Hit| Reply { status: 200, delay: hold, retry_after: None }).await;
+    let rx = Receiver::start(Receiver::ok_after(hold)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     // Four endpoints on one host, up to 16 requests in flight between them, capped at 3.
     let eps: String =
@@ -316,7 +316,7 @@ async fn endpoints_on_one_host_share_its_connection_cap() {
 async fn a_slow_endpoint_does_not_slow_a_fast_one() {
     let kafka = Kafka::start();
     let topic = kafka.topic("isolation", 1).await;
-    let slow = Receiver::start(|_: &Hit| Reply { status: 200, delay: Duration::from_secs(2), retry_after: None }).await;
+    let slow = Receiver::start(Receiver::ok_after(Duration::from_secs(2))).await;
     let fast = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let eps = endpoint("slow", &slow.url("/"), "max_in_flight = 2") + &endpoint("fast", &fast.url("/"), "");
@@ -344,8 +344,7 @@ async fn a_slow_endpoint_does_not_slow_a_fast_one() {
 async fn slow_endpoints_holding_a_large_backlog_do_not_hold_intake() {
     let kafka = Kafka::start();
     let topic = kafka.topic("intake-gate", 1).await;
-    let slow =
-        Receiver::start(|_: &Hit| Reply { status: 200, delay: Duration::from_secs(30), retry_after: None }).await;
+    let slow = Receiver::start(Receiver::ok_after(Duration::from_secs(30))).await;
     let fast = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (slow_endpoints, per_slow) = (10, 500);
@@ -389,8 +388,7 @@ async fn slow_endpoints_holding_a_large_backlog_do_not_hold_intake() {
 async fn slow_endpoints_that_deliver_a_lot_together_do_not_hold_intake() {
     let kafka = Kafka::start();
     let topic = kafka.topic("intake-gate-many", 1).await;
-    let slow =
-        Receiver::start(|_: &Hit| Reply { status: 200, delay: Duration::from_millis(100), retry_after: None }).await;
+    let slow = Receiver::start(Receiver::ok_after(Duration::from_millis(100))).await;
     let fast = Receiver::start(Receiver::ok()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let slow_endpoints = 100;

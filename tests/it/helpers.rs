@@ -142,15 +142,8 @@ impl Kafka {
         within: Duration,
         done: impl Fn(&[serde_json::Value]) -> bool + Send + 'static,
     ) -> Vec<serde_json::Value> {
-        let bootstrap = self.bootstrap.clone();
         let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("group.id", format!("reader-{}", unique()))
-                .set("enable.auto.commit", "false")
-                .create()
-                .expect("reader");
+        self.with_consumer(&format!("reader-{}", unique()), move |c| {
             let mut tpl = TopicPartitionList::new();
             for p in 0..partitions {
                 tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("tpl");
@@ -172,49 +165,57 @@ impl Kafka {
                     out.push(v);
                 }
             }
+            out
+        })
+        .await
+    }
+
+    /// The oldest offset the broker still has for a partition.
+    pub async fn low_watermark(&self, topic: &str, partition: i32) -> i64 {
+        let topic = topic.to_owned();
+        self.with_consumer(&format!("watermarks-{}", unique()), move |c| {
+            c.fetch_watermarks(&topic, partition, Duration::from_secs(5)).expect("watermarks").0
+        })
+        .await
+    }
+
+    /// The offset the group has committed for a partition (-1: none).
+    pub async fn committed(&self, group: &str, topic: &str, partition: i32) -> i64 {
+        let topic = topic.to_owned();
+        self.with_consumer(group, move |c| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, partition);
+            let got = c.committed_offsets(tpl, Duration::from_secs(5)).expect("committed offsets");
+            match got.find_partition(&topic, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            }
+        })
+        .await
+    }
+
+    /// Runs `f` on a consumer of `group` (no automatic commits), off the
+    /// runtime's threads.
+    async fn with_consumer<T: Send + 'static>(
+        &self,
+        group: &str,
+        f: impl FnOnce(&BaseConsumer) -> T + Send + 'static,
+    ) -> T {
+        let (bootstrap, group) = (self.bootstrap.clone(), group.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", &group)
+                .set("enable.auto.commit", "false")
+                .create()
+                .expect("consumer");
+            let out = f(&c);
             // Closing a consumer has been seen to hang (rust-rdkafka #509): leave it.
             std::mem::forget(c);
             out
         })
         .await
-        .expect("reader task")
-    }
-
-    /// The oldest offset the broker still has for a partition.
-    pub async fn low_watermark(&self, topic: &str, partition: i32) -> i64 {
-        let (bootstrap, topic) = (self.bootstrap.clone(), topic.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("client");
-            let (low, _) = c.fetch_watermarks(&topic, partition, Duration::from_secs(5)).expect("watermarks");
-            std::mem::forget(c);
-            low
-        })
-        .await
-        .expect("watermark task")
-    }
-
-    /// The offset the group has committed for a partition (-1: none).
-    pub async fn committed(&self, group: &str, topic: &str, partition: i32) -> i64 {
-        let bootstrap = self.bootstrap.clone();
-        let (group, topic) = (group.to_owned(), topic.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("group.id", &group)
-                .create()
-                .expect("offset reader");
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&topic, partition);
-            let got = c.committed_offsets(tpl, Duration::from_secs(5)).expect("committed offsets");
-            let off = match got.find_partition(&topic, partition).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => -1,
-            };
-            std::mem::forget(c);
-            off
-        })
-        .await
-        .expect("offset task")
+        .expect("consumer task")
     }
 }
 
@@ -363,6 +364,11 @@ impl Receiver {
 
     pub fn ok() -> impl Fn(&Hit) -> Reply + Send + Sync + 'static {
         |_| Reply::status(200)
+    }
+
+    /// Answers 200 after `delay`.
+    pub fn ok_after(delay: Duration) -> impl Fn(&Hit) -> Reply + Send + Sync + 'static {
+        move |_: &Hit| Reply { delay, ..Reply::status(200) }
     }
 
     pub fn url(&self, path: &str) -> String {
