@@ -5,6 +5,7 @@
 //!
 //!   ./scripts/load-bench [--events N] [--endpoints E] [--broker tansu|mock|both] [--in-flight K]
 //!                        [--kafka key=value]... [--env NAME=value]... [--park N] [--stuck S] [--no-backpressure]
+//!                        [--warm-up]
 //!
 //! The broker is a tansu process by default. librdkafka's in-process mock
 //! cluster (`--broker mock`) also works. It keeps only the last 5 MiB of each
@@ -16,7 +17,9 @@
 //! endpoints (in-flight cap 1) point at a listener that never answers, and
 //! 500 events each wait in the outbox for them before the phases start: what
 //! slow endpoints holding backpressure's threshold (4,096 ready) cost the
-//! others. Phases:
+//! others. With `--warm-up`, one event goes to each endpoint first, and the
+//! CPU webhookd took for them is printed: what an endpoint's first delivery
+//! costs. Phases:
 //! 1. **max rate**: N events produced as fast as the producer goes while
 //!    webhookd runs; delivered events/s from the first delivery to the N-th.
 //! 2. **half rate**: events produced at half that rate for a few seconds;
@@ -65,7 +68,7 @@ mod support;
 #[path = "../tests/support/tansu.rs"]
 mod tansu;
 
-use support::{Receiver, sent_us, unix_us};
+use support::{Receiver, cpu_seconds, sent_us, unix_us};
 use tansu::Tansu;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -100,6 +103,8 @@ struct Args {
     stuck: usize,
     /// `source.backpressure`: on, as by default, unless `--no-backpressure`.
     backpressure: bool,
+    /// One event to each endpoint before the max-rate phase (`--warm-up`).
+    warm_up: bool,
 }
 
 /// Events waiting for each endpoint that never answers (`--stuck`).
@@ -116,6 +121,7 @@ fn args() -> Args {
         park: 0,
         stuck: 0,
         backpressure: true,
+        warm_up: false,
         bin: std::env::var("WEBHOOKD_TEST_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/webhookd")),
@@ -128,6 +134,7 @@ fn args() -> Args {
             "--park" => a.park = value().parse().expect("--park: a number"),
             "--stuck" => a.stuck = value().parse().expect("--stuck: a number"),
             "--no-backpressure" => a.backpressure = false,
+            "--warm-up" => a.warm_up = true,
             "--endpoints" => a.endpoints = value().parse().expect("--endpoints: a number"),
             "--in-flight" => a.in_flight = value().parse().expect("--in-flight: a number"),
             "--broker" => {
@@ -243,17 +250,6 @@ fn settle_writeback() {
         Ok(s) if s.success() => println!("wrote out dirty page cache first (sync, {} ms)", t.elapsed().as_millis()),
         other => println!("warning: sync failed ({other:?}); writeback of earlier writes may land in the measurements"),
     }
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 =
-        f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0 // USER_HZ is 100 on Linux
 }
 
 /// Runs `phase` while reading the broker process's CPU time once a second,
@@ -829,6 +825,18 @@ async fn run_once(a: &Args, broker: &str) -> Outcome {
         let what = "the stuck endpoints' deliveries in the outbox";
         await_metric(w.admin, "webhookd_outbox_ready_deliveries", held, Duration::from_millis(50), what).await;
         println!("{} endpoints that never answer hold {held} ready deliveries", a.stuck);
+    }
+    if a.warm_up {
+        rx.reset(false);
+        let (cpu0, t) = (cpu_seconds(w.pid()), Instant::now());
+        produce(&p, &topic, &format!("{run}w"), 0..a.endpoints, (a.endpoints, "loc"), None).await;
+        assert!(rx.wait_for(a.endpoints as u64).await, "warm-up delivered in time");
+        println!(
+            "warm-up: one event to each of {} endpoints in {:.2} s; webhookd CPU {:.2} s",
+            a.endpoints,
+            t.elapsed().as_secs_f64(),
+            cpu_seconds(w.pid()) - cpu0
+        );
     }
     settle_writeback();
 

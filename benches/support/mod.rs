@@ -1,5 +1,6 @@
 //! What both benchmarks share: a fast HTTP receiver on loopback that counts
-//! requests, can be waited on, and records produce→receive latencies.
+//! requests, can be waited on, and records produce→receive latencies; a
+//! process's CPU time.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +19,17 @@ pub const WAIT_LIMIT: Duration = Duration::from_secs(300);
 
 pub fn unix_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0 // USER_HZ is 100 on Linux
 }
 
 /// Answers 200 at once; counts requests and, while `recording`, keeps each
