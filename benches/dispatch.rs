@@ -161,9 +161,9 @@ fn pipeline_with(c: &mut Criterion, endpoints: usize) {
     }
     let body = Bytes::from(envelope_1k());
     let next = AtomicU64::new(0);
-    // One event to each endpoint first: every worker has read the store and
-    // looked for parked retries once, as it does when it starts, before
-    // anything is timed.
+    // One event to each endpoint first, so that every worker has done what
+    // it does once when it starts (read its queue in the store, set up its
+    // rate limiter) before anything is timed.
     rt.block_on(async {
         for start in (0..endpoints).step_by(BATCH) {
             let n = BATCH.min(endpoints - start);
